@@ -151,9 +151,9 @@ def choose(op: str, device: torch.device, implemented: Sequence[str], backend: s
 
 def check_required() -> None:
     """$DDPM_FAST_REQUIRE=cpp,triton: a listed backend that is unavailable is an import error (CI sets it)."""
-    required = [name.strip() for name in os.environ.get("DDPM_FAST_REQUIRE", "").split(",") if name.strip()]
+    required = [_check_name(name.strip(), "$DDPM_FAST_REQUIRE")
+                for name in os.environ.get("DDPM_FAST_REQUIRE", "").split(",") if name.strip()]
     status = backends()
-    missing = [f"{name}: {status[_check_name(name, '$DDPM_FAST_REQUIRE')].reason}" for name in required
-               if not status[name].available]
+    missing = [f"{name}: {status[name].reason}" for name in required if not status[name].available]
     if missing:
         raise ImportError("DDPM_FAST_REQUIRE names backends that are unavailable:\n  " + "\n  ".join(missing))

@@ -1,0 +1,351 @@
+"""The DDPM math (Ho et al. 2020) in the code's indices t = 0..T-1 (paper t - 1); DESIGN.md fixes the conventions.
+
+Tables are float64 once (schedule.py), copied to each device once as float32 (float64 for float64 inputs), and
+gathered there by t: no host copy per call. Public methods validate their arguments (which may sync the host);
+the sampler calls the unchecked `_p_sample` inside its loop.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, NamedTuple
+
+import torch
+from tqdm.auto import tqdm
+
+from ddpm_fast import schedule as _schedule
+from ddpm_fast.ops import philox
+
+Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class NLLResult(NamedTuple):
+    """The variational bound in bits/dim. total, prior: (B,); terms, mse: (B, T) in code indices
+    (terms[:, 0] = L_0, the decoder NLL; terms[:, t] = L_t, the KL of the reverse step from x_t); total = prior + sum."""
+    total: torch.Tensor
+    prior: torch.Tensor
+    terms: torch.Tensor
+    mse: torch.Tensor
+
+
+class PMeanVariance(NamedTuple):
+    mean: torch.Tensor
+    variance: torch.Tensor
+    log_variance: torch.Tensor
+    pred_x0: torch.Tensor
+
+
+class PSample(NamedTuple):
+    sample: torch.Tensor
+    pred_x0: torch.Tensor
+
+
+def mean_flat(x: torch.Tensor) -> torch.Tensor:
+    """Mean over every dimension but the first: (B, ...) -> (B,)."""
+    return x.mean(dim=tuple(range(1, x.dim())))
+
+
+def normal_kl(mean1, logvar1, mean2, logvar2):
+    """KL(N(mean1, exp(logvar1)) || N(mean2, exp(logvar2))) elementwise, in nats."""
+    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2)
+                  + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
+
+
+def approx_standard_normal_cdf(x: torch.Tensor) -> torch.Tensor:
+    """The tanh approximation of the standard normal CDF that the original code uses for L_0."""
+    return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))
+
+
+def discretized_gaussian_log_likelihood(x: torch.Tensor, means: torch.Tensor, log_scales: torch.Tensor) -> torch.Tensor:
+    """log p(x) of 8-bit data scaled to [-1, 1] under N(means, exp(log_scales)^2) integrated over each bin of
+    width 2/255, the edge bins at -1 and +1 extended to -inf / +inf. Elementwise, in nats."""
+    centered = x - means
+    inv_stdv = torch.exp(-log_scales)
+    cdf_plus = approx_standard_normal_cdf(inv_stdv * (centered + 1.0 / 255.0))
+    cdf_min = approx_standard_normal_cdf(inv_stdv * (centered - 1.0 / 255.0))
+    log_cdf_plus = torch.log(cdf_plus.clamp(min=1e-12))
+    log_one_minus_cdf_min = torch.log((1.0 - cdf_min).clamp(min=1e-12))
+    log_cdf_delta = torch.log((cdf_plus - cdf_min).clamp(min=1e-12))
+    return torch.where(x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_min, log_cdf_delta))
+
+
+def _describe(x) -> str:
+    return f"{x.dtype} tensor of shape {tuple(x.shape)} on {x.device}" if isinstance(x, torch.Tensor) \
+        else type(x).__name__
+
+
+class Diffusion:
+    """The forward process q, the reverse process p, the training loss and the variational bound.
+
+    :param schedule: "linear" (the paper's, 1e-4..0.02) or "cosine".
+    :param timesteps: T.
+    :param variance: the reverse-process variance, "fixed_large" (sigma^2 = beta) or "fixed_small" (beta tilde).
+    :param betas: explicit betas (float, (T,)) instead of a named schedule.
+    """
+
+    def __init__(self, schedule: str = "linear", timesteps: int = 1000, variance: str = "fixed_large", *,
+                 betas: torch.Tensor | None = None, timestep_map: torch.Tensor | None = None):
+        if betas is None:
+            betas = _schedule.beta_schedule(schedule, timesteps)
+        else:
+            betas = torch.as_tensor(betas, dtype=torch.float64).detach().cpu()
+            schedule = "custom"
+        self.schedule = schedule
+        self.variance = variance
+        self.tables = _schedule.coefficient_tables(betas, variance)
+        self.num_timesteps = len(betas)
+        # the model's timestep for each of our indices: identity, or the kept original steps after respacing
+        self.timestep_map = (torch.arange(self.num_timesteps) if timestep_map is None
+                             else torch.as_tensor(timestep_map, dtype=torch.int64).cpu())
+        if self.timestep_map.shape != (self.num_timesteps,):
+            raise ValueError(f"timestep_map must have shape ({self.num_timesteps},)")
+        self._device_tables: dict[tuple[torch.device, torch.dtype], dict[str, torch.Tensor]] = {}
+
+    def __repr__(self) -> str:
+        return (f"Diffusion(schedule={self.schedule!r}, timesteps={self.num_timesteps}, "
+                f"variance={self.variance!r})")
+
+    @property
+    def respaced(self) -> bool:
+        return not torch.equal(self.timestep_map, torch.arange(self.num_timesteps))
+
+    def with_variance(self, variance: str) -> "Diffusion":
+        """The same process with another reverse-process variance."""
+        if variance == self.variance:
+            return self
+        return self._derived(self.tables["betas"], self.timestep_map, variance)
+
+    def respace(self, steps: int) -> "Diffusion":
+        """The process on `steps` of the T timesteps (DESIGN.md: linspace(0, T-1, steps).round()), betas recomputed
+        from abar at the kept steps; the model still sees the original timesteps."""
+        kept = _schedule.respaced_timesteps(self.num_timesteps, steps)
+        if len(kept) == self.num_timesteps:
+            return self
+        betas = _schedule.respaced_betas(self.tables["alphas_cumprod"], kept)
+        return self._derived(betas, self.timestep_map[kept], self.variance)
+
+    def _derived(self, betas, timestep_map, variance) -> "Diffusion":
+        derived = Diffusion(variance=variance, betas=betas, timestep_map=timestep_map)
+        derived.schedule = self.schedule  # the name of the schedule it came from, not "custom"
+        return derived
+
+    # ------------------------------------------------------------------------------------------------ plumbing
+    def _on(self, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """The tables on `device` in float32 (float64 for float64 inputs), copied once."""
+        dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        key = (device, dtype)
+        if key not in self._device_tables:
+            tables = {name: value.to(device=device, dtype=dtype) for name, value in self.tables.items()}
+            tables["timestep_map"] = self.timestep_map.to(device)
+            self._device_tables[key] = tables
+        return self._device_tables[key]
+
+    def _extract(self, name: str, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """table[t] shaped to broadcast against x: (B, 1, 1, ...)."""
+        return self._on(x.device, x.dtype)[name][t].view(-1, *([1] * (x.dim() - 1)))
+
+    def _check_x(self, name: str, x) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() < 2:
+            raise ValueError(f"{name} must be a floating tensor of shape (B, ...), got {_describe(x)}")
+        return x
+
+    def _check_t(self, t, x: torch.Tensor) -> torch.Tensor:
+        """t as an int64 (B,) tensor on x's device, every value in [0, T)."""
+        batch = x.shape[0]
+        if isinstance(t, int) and not isinstance(t, bool):
+            t = torch.full((batch,), t, dtype=torch.int64, device=x.device)
+        if not isinstance(t, torch.Tensor) or t.dtype not in (torch.int64, torch.int32) or t.dim() > 1:
+            raise ValueError(f"t must be an int or an int64 tensor of shape ({batch},), got {_describe(t)}")
+        if t.device != x.device:
+            raise ValueError(f"t is on {t.device} but the data is on {x.device}")
+        t = t.to(torch.int64).expand(batch) if t.dim() == 0 else t.to(torch.int64)
+        if t.shape != (batch,):
+            raise ValueError(f"t must have shape ({batch},) to match the batch, got {tuple(t.shape)}")
+        if bool(((t < 0) | (t >= self.num_timesteps)).any()):
+            raise ValueError(f"t out of range: every t must be in [0, {self.num_timesteps}), "
+                             f"got values in [{int(t.min())}, {int(t.max())}]")
+        return t
+
+    def _check_like(self, name: str, value, x: torch.Tensor, x_name: str) -> torch.Tensor:
+        if not isinstance(value, torch.Tensor) or value.shape != x.shape or value.dtype != x.dtype \
+                or value.device != x.device:
+            raise ValueError(f"{name} must match {x_name} ({_describe(x)}), got {_describe(value)}")
+        return value
+
+    def _sample_index(self, sample_index, x: torch.Tensor) -> torch.Tensor:
+        if sample_index is None:
+            return torch.arange(x.shape[0], device=x.device)
+        if not isinstance(sample_index, torch.Tensor) or sample_index.shape != (x.shape[0],) \
+                or sample_index.dtype != torch.int64 or sample_index.device != x.device:
+            raise ValueError(f"sample_index must be an int64 tensor of shape ({x.shape[0]},) on {x.device}, "
+                             f"got {_describe(sample_index)}")
+        return sample_index
+
+    def _noise(self, x: torch.Tensor, sample_index: torch.Tensor, counter2: torch.Tensor, seed: int,
+               stream: int) -> torch.Tensor:
+        return philox.randn(sample_index, counter2, x.shape[1:], seed=seed, stream=stream).to(x.dtype)
+
+    def _model_eps(self, model: Model, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """eps_theta(x_t, t): the model gets the original timestep of index t, and must return x_t's shape."""
+        eps = model(x_t, self._on(x_t.device, x_t.dtype)["timestep_map"][t])
+        if not isinstance(eps, torch.Tensor) or eps.shape != x_t.shape:
+            raise ValueError(f"the model must return eps with the shape of x_t {tuple(x_t.shape)}, got "
+                             f"{_describe(eps)}")
+        if eps.device != x_t.device:
+            raise ValueError(f"the model returned a tensor on {eps.device} for x_t on {x_t.device}")
+        return eps.to(x_t.dtype)
+
+    # ------------------------------------------------------------------------------------------------ q
+    def q_mean_variance(self, x0: torch.Tensor, t) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Mean, variance and log variance of q(x_t | x0)."""
+        x0 = self._check_x("x0", x0)
+        t = self._check_t(t, x0)
+        return (self._extract("sqrt_alphas_cumprod", t, x0) * x0,
+                (1.0 - self._extract("alphas_cumprod", t, x0)).expand_as(x0),
+                self._extract("log_one_minus_alphas_cumprod", t, x0).expand_as(x0))
+
+    def q_sample(self, x0: torch.Tensor, t, noise: torch.Tensor | None = None, *, seed: int = 0, step: int = 0,
+                 sample_index: torch.Tensor | None = None) -> torch.Tensor:
+        """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, a draw of q(x_t | x0).
+
+        :param x0: (B, ...) data in [-1, 1]. :param t: int or (B,) int64 code timesteps.
+        :param noise: eps, x0's shape; None draws it from Philox stream 2 keyed by (seed, sample_index, step).
+        """
+        x0 = self._check_x("x0", x0)
+        t = self._check_t(t, x0)
+        if noise is None:
+            index = self._sample_index(sample_index, x0)
+            noise = self._noise(x0, index, torch.full_like(index, step), seed, philox.STREAM_TRAIN_EPS)
+        noise = self._check_like("noise", noise, x0, "x0")
+        return self._q_sample(x0, t, noise)
+
+    def _q_sample(self, x0, t, noise):
+        return (self._extract("sqrt_alphas_cumprod", t, x0) * x0
+                + self._extract("sqrt_one_minus_alphas_cumprod", t, x0) * noise)
+
+    def q_posterior_mean_variance(self, x0: torch.Tensor, x_t: torch.Tensor, t):
+        """Mean, variance and clipped log variance of the forward posterior q(x_{t-1} | x_t, x0)."""
+        x0 = self._check_x("x0", x0)
+        x_t = self._check_like("x_t", x_t, x0, "x0")
+        return self._q_posterior(x0, x_t, self._check_t(t, x0))
+
+    def _q_posterior(self, x0, x_t, t):
+        mean = self._extract("posterior_mean_coef1", t, x_t) * x0 + self._extract("posterior_mean_coef2", t, x_t) * x_t
+        variance = self._extract("posterior_variance", t, x_t).expand_as(x_t)
+        log_variance = self._extract("posterior_log_variance_clipped", t, x_t).expand_as(x_t)
+        return mean, variance, log_variance
+
+    def predict_x0_from_eps(self, x_t: torch.Tensor, t, eps: torch.Tensor) -> torch.Tensor:
+        """x0_hat = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)."""
+        x_t = self._check_x("x_t", x_t)
+        return self._predict_x0(x_t, self._check_t(t, x_t), self._check_like("eps", eps, x_t, "x_t"))
+
+    def _predict_x0(self, x_t, t, eps):
+        return (self._extract("sqrt_recip_alphas_cumprod", t, x_t) * x_t
+                - self._extract("sqrt_recipm1_alphas_cumprod", t, x_t) * eps)
+
+    # ------------------------------------------------------------------------------------------------ p
+    def p_mean_variance(self, model: Model, x_t: torch.Tensor, t, clip_denoised: bool = True) -> PMeanVariance:
+        """Mean, variance, log variance of p(x_{t-1} | x_t) and x0_hat; the mean is the posterior mean at x0_hat
+        (clipped to [-1, 1] if clip_denoised), as the original code."""
+        x_t = self._check_x("x_t", x_t)
+        return self._p_mean_variance(model, x_t, self._check_t(t, x_t), clip_denoised)
+
+    def _p_mean_variance(self, model, x_t, t, clip_denoised):
+        pred_x0 = self._predict_x0(x_t, t, self._model_eps(model, x_t, t))
+        if clip_denoised:
+            pred_x0 = pred_x0.clamp(-1.0, 1.0)
+        mean, _, _ = self._q_posterior(pred_x0, x_t, t)
+        variance = self._extract("model_variance", t, x_t).expand_as(x_t)
+        log_variance = self._extract("model_log_variance", t, x_t).expand_as(x_t)
+        return PMeanVariance(mean, variance, log_variance, pred_x0)
+
+    def p_sample(self, model: Model, x_t: torch.Tensor, t, *, clip_denoised: bool = True,
+                 noise: torch.Tensor | None = None, seed: int = 0,
+                 sample_index: torch.Tensor | None = None) -> PSample:
+        """One reverse step x_t -> x_{t-1} = mean + sigma_t z, without noise where t == 0.
+
+        :param noise: z, x_t's shape; None draws it from Philox stream 1 keyed by (seed, sample_index, timestep).
+        """
+        x_t = self._check_x("x_t", x_t)
+        t = self._check_t(t, x_t)
+        index = self._sample_index(sample_index, x_t)
+        if noise is not None:
+            noise = self._check_like("noise", noise, x_t, "x_t")
+        return self._p_sample(model, x_t, t, clip_denoised, seed, index, noise)
+
+    def _p_sample(self, model, x_t, t, clip_denoised, seed, sample_index, noise=None) -> PSample:
+        out = self._p_mean_variance(model, x_t, t, clip_denoised)
+        if noise is None:
+            noise = self._noise(x_t, sample_index, self._on(x_t.device, x_t.dtype)["timestep_map"][t], seed,
+                                philox.STREAM_REVERSE)
+        nonzero = (t != 0).to(x_t.dtype).view(-1, *([1] * (x_t.dim() - 1)))
+        return PSample(out.mean + nonzero * torch.exp(0.5 * out.log_variance) * noise, out.pred_x0)
+
+    # ------------------------------------------------------------------------------------------------ training
+    def training_loss(self, model: Model, x0: torch.Tensor, t, noise: torch.Tensor | None = None, *,
+                      reduction: str = "mean", seed: int = 0, step: int = 0,
+                      sample_index: torch.Tensor | None = None) -> torch.Tensor:
+        """L_simple = ||eps - eps_theta(x_t, t)||^2 averaged over the dimensions of each sample.
+
+        :param reduction: "mean" (a scalar over the batch) or "none" (per sample, (B,)).
+        """
+        if reduction not in ("mean", "none"):
+            raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
+        x0 = self._check_x("x0", x0)
+        t = self._check_t(t, x0)
+        if noise is None:
+            index = self._sample_index(sample_index, x0)
+            noise = self._noise(x0, index, torch.full_like(index, step), seed, philox.STREAM_TRAIN_EPS)
+        noise = self._check_like("noise", noise, x0, "x0")
+        x_t = self._q_sample(x0, t, noise)
+        losses = mean_flat((noise - self._model_eps(model, x_t, t)) ** 2)
+        return losses.mean() if reduction == "mean" else losses
+
+    # ------------------------------------------------------------------------------------------------ the bound
+    def prior_bpd(self, x0: torch.Tensor) -> torch.Tensor:
+        """L_T = KL(q(x_T | x0) || N(0, I)) in bits/dim, (B,)."""
+        x0 = self._check_x("x0", x0)
+        t = torch.full((x0.shape[0],), self.num_timesteps - 1, dtype=torch.int64, device=x0.device)
+        mean = self._extract("sqrt_alphas_cumprod", t, x0) * x0
+        log_variance = self._extract("log_one_minus_alphas_cumprod", t, x0)
+        kl = normal_kl(mean, log_variance, torch.zeros_like(mean), torch.zeros_like(mean))
+        return mean_flat(kl) / math.log(2.0)
+
+    def vb_terms_bpd(self, model: Model, x0: torch.Tensor, x_t: torch.Tensor, t, clip_denoised: bool = True):
+        """The bound's term at t, bits/dim (B,): KL(q(x_{t-1}|x_t,x0) || p(x_{t-1}|x_t)) for t > 0 and the decoder
+        NLL -log p(x0 | x_1) for t = 0; also x0_hat."""
+        x0 = self._check_x("x0", x0)
+        x_t = self._check_like("x_t", x_t, x0, "x0")
+        return self._vb_terms_bpd(model, x0, x_t, self._check_t(t, x0), clip_denoised)
+
+    def _vb_terms_bpd(self, model, x0, x_t, t, clip_denoised):
+        true_mean, _, true_log_variance = self._q_posterior(x0, x_t, t)
+        out = self._p_mean_variance(model, x_t, t, clip_denoised)
+        kl = mean_flat(normal_kl(true_mean, true_log_variance, out.mean, out.log_variance)) / math.log(2.0)
+        decoder_nll = -mean_flat(discretized_gaussian_log_likelihood(
+            x0, means=out.mean, log_scales=0.5 * out.log_variance)) / math.log(2.0)
+        return torch.where(t == 0, decoder_nll, kl), out.pred_x0
+
+    @torch.no_grad()
+    def nll_bpd(self, model: Model, x0: torch.Tensor, *, clip_denoised: bool = True, seed: int = 0,
+                sample_index: torch.Tensor | None = None, progress: bool = False) -> NLLResult:
+        """The variational bound of x0 in bits/dim, every one of the T terms (T model calls), as the original
+        code's calc_bpd_loop: x_t = q_sample(x0, t) with eps from Philox stream 6 keyed by (seed, sample_index, t).
+
+        :param x0: (B, C, H, W) 8-bit data scaled to [-1, 1].
+        """
+        x0 = self._check_x("x0", x0)
+        index = self._sample_index(sample_index, x0)
+        batch, steps = x0.shape[0], self.num_timesteps
+        terms = x0.new_empty(batch, steps)
+        mse = x0.new_empty(batch, steps)
+        timesteps = torch.arange(steps, device=x0.device)
+        for i in tqdm(range(steps - 1, -1, -1), desc="bound", disable=not progress, leave=False):
+            t = timesteps[i].expand(batch)
+            noise = self._noise(x0, index, self._on(x0.device, x0.dtype)["timestep_map"][t], seed,
+                                philox.STREAM_EVAL_EPS)
+            x_t = self._q_sample(x0, t, noise)
+            terms[:, i], pred_x0 = self._vb_terms_bpd(model, x0, x_t, t, clip_denoised)
+            mse[:, i] = mean_flat((pred_x0 - x0) ** 2)
+        prior = self.prior_bpd(x0)
+        return NLLResult(prior + terms.sum(1), prior, terms, mse)

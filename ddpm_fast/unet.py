@@ -1,0 +1,263 @@
+"""The paper's U-Net (the original DDPM code's `model`, layer for layer), built from ddpm_fast.ops.
+
+Module names follow the original code as ported to PyTorch (temb.dense.0, down.0.block.1.norm1, mid.attn_1.q,
+up.3.upsample.conv, norm_out, conv_out), so checkpoints map one to one. The fused norms and attention come from
+ops/, so faster kernels drop in without touching this file.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ddpm_fast.ops.attention import attention_block
+from ddpm_fast.ops.group_norm import group_norm_silu
+
+PRESETS = {
+    # the paper's CIFAR-10 network: 35.7M parameters
+    "cifar10": dict(in_channels=3, image_size=32, ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2,
+                    attn_resolutions=(16,), dropout=0.1, num_groups=32),
+    # a 1x16x16 network for CPU demos, tests and benchmarks
+    "small": dict(in_channels=1, image_size=16, ch=32, ch_mult=(1, 2, 2), num_res_blocks=2,
+                  attn_resolutions=(8,), dropout=0.1, num_groups=8),
+}
+
+
+def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """The original sinusoidal embedding: frequencies exp(-k ln(10000) / (half - 1)), [sin, cos], float32 (B, dim)."""
+    half = dim // 2
+    freqs = torch.exp(torch.arange(half, dtype=torch.float32, device=t.device) * -(math.log(10000.0) / (half - 1)))
+    angles = t.to(torch.float32)[:, None] * freqs[None, :]
+    emb = torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
+    return F.pad(emb, (0, 1)) if dim % 2 else emb
+
+
+def _init_(module: nn.Module, zero: bool = False) -> nn.Module:
+    """The original's init: variance scaling (fan_avg, uniform, scale 1) = Xavier uniform; zero for the last
+    layer of a residual branch and the output conv (init_scale=0); biases zero."""
+    if zero:
+        nn.init.zeros_(module.weight)
+    else:
+        nn.init.xavier_uniform_(module.weight)
+    nn.init.zeros_(module.bias)
+    return module
+
+
+class GroupNorm(nn.Module):
+    """GroupNorm(num_groups, eps) with learned affine; forward can add a (B, C) vector first and apply SiLU after."""
+
+    def __init__(self, channels: int, num_groups: int, eps: float):
+        super().__init__()
+        self.num_groups, self.eps = num_groups, eps
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x: torch.Tensor, add: torch.Tensor | None = None, act: bool = False) -> torch.Tensor:
+        return group_norm_silu(x, self.weight, self.bias, self.num_groups, self.eps, add=add, act=act)
+
+
+class ResnetBlock(nn.Module):
+    """h = conv2(dropout(silu(norm2(conv1(silu(norm1(x))) + temb_proj(silu(temb)))))); out = shortcut(x) + h."""
+
+    def __init__(self, in_channels: int, out_channels: int, temb_channels: int, dropout: float, num_groups: int,
+                 eps: float):
+        super().__init__()
+        self.norm1 = GroupNorm(in_channels, num_groups, eps)
+        self.conv1 = _init_(nn.Conv2d(in_channels, out_channels, 3, padding=1))
+        self.temb_proj = _init_(nn.Linear(temb_channels, out_channels))
+        self.norm2 = GroupNorm(out_channels, num_groups, eps)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = _init_(nn.Conv2d(out_channels, out_channels, 3, padding=1), zero=True)
+        # the original's `nin` (a 1x1 conv) where the channel count changes
+        self.nin_shortcut = _init_(nn.Conv2d(in_channels, out_channels, 1)) if in_channels != out_channels else None
+
+    def forward(self, x: torch.Tensor, temb_act: torch.Tensor) -> torch.Tensor:
+        """:param temb_act: silu(temb), (B, temb_channels), shared by every block."""
+        h = self.conv1(self.norm1(x, act=True))
+        h = self.norm2(h, add=self.temb_proj(temb_act), act=True)
+        h = self.conv2(self.dropout(h))
+        return (x if self.nin_shortcut is None else self.nin_shortcut(x)) + h
+
+
+class AttnBlock(nn.Module):
+    """x + proj_out(attention(q, k, v)) with q, k, v 1x1 convs of norm(x); one head of width C."""
+
+    def __init__(self, channels: int, num_groups: int, eps: float):
+        super().__init__()
+        self.norm = GroupNorm(channels, num_groups, eps)
+        self.q = _init_(nn.Conv2d(channels, channels, 1))
+        self.k = _init_(nn.Conv2d(channels, channels, 1))
+        self.v = _init_(nn.Conv2d(channels, channels, 1))
+        self.proj_out = _init_(nn.Conv2d(channels, channels, 1), zero=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c = x.shape[1]
+        qkv_weight = torch.cat([self.q.weight, self.k.weight, self.v.weight]).view(3 * c, c)
+        qkv_bias = torch.cat([self.q.bias, self.k.bias, self.v.bias])
+        return attention_block(x, self.norm.weight, self.norm.bias, qkv_weight, qkv_bias,
+                               self.proj_out.weight.view(c, c), self.proj_out.bias, self.norm.num_groups,
+                               self.norm.eps)
+
+
+class Downsample(nn.Module):
+    """Halve H and W: a stride-2 3x3 conv with TF "SAME" padding (the extra row/column at the bottom/right), or
+    2x2 average pooling without the conv."""
+
+    def __init__(self, channels: int, with_conv: bool):
+        super().__init__()
+        self.conv = _init_(nn.Conv2d(channels, channels, 3, stride=2)) if with_conv else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.conv is None:
+            return F.avg_pool2d(x, 2)
+        return self.conv(F.pad(x, (0, 1, 0, 1)))
+
+
+class Upsample(nn.Module):
+    """Double H and W: nearest neighbour, then a 3x3 conv."""
+
+    def __init__(self, channels: int, with_conv: bool):
+        super().__init__()
+        self.conv = _init_(nn.Conv2d(channels, channels, 3, padding=1)) if with_conv else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.interpolate(x, scale_factor=2.0, mode="nearest")
+        return x if self.conv is None else self.conv(x)
+
+
+class UNet(nn.Module):
+    """eps_theta(x_t, t): the DDPM U-Net.
+
+    :param in_channels: image channels. :param out_channels: defaults to in_channels (eps has x's shape).
+    :param image_size: the resolution the attention levels refer to (H = W at input).
+    :param ch: base width; level i has ch * ch_mult[i] channels; temb has 4 * ch.
+    :param num_res_blocks: ResBlocks per level on the way down (one more on the way up).
+    :param attn_resolutions: resolutions (of image_size halved per level) that get self-attention.
+    :param num_groups, eps: GroupNorm settings (the paper: 32, 1e-6).
+    :param diffusion: optional Diffusion this model was trained with; ddpm_fast.sample uses it.
+    """
+
+    def __init__(self, *, in_channels: int = 3, out_channels: int | None = None, image_size: int = 32,
+                 ch: int = 128, ch_mult: Sequence[int] = (1, 2, 2, 2), num_res_blocks: int = 2,
+                 attn_resolutions: Sequence[int] = (16,), dropout: float = 0.1, num_groups: int = 32,
+                 eps: float = 1e-6, resamp_with_conv: bool = True, diffusion=None):
+        super().__init__()
+        ch_mult, attn_resolutions = tuple(int(m) for m in ch_mult), tuple(int(r) for r in attn_resolutions)
+        out_channels = in_channels if out_channels is None else out_channels
+        levels = len(ch_mult)
+        resolutions = [image_size // 2 ** i for i in range(levels)]
+        problems = []
+        if not ch_mult or min(ch_mult) < 1 or ch < 1 or num_res_blocks < 1 or in_channels < 1:
+            problems.append("ch, ch_mult, num_res_blocks and in_channels must be positive")
+        if image_size % 2 ** (levels - 1):
+            problems.append(f"image_size {image_size} is not divisible by 2^{levels - 1} for {levels} levels")
+        bad_widths = sorted({ch * m for m in ch_mult if (ch * m) % num_groups})
+        if ch % num_groups or bad_widths:
+            problems.append(f"widths {bad_widths or [ch]} are not divisible by num_groups={num_groups}")
+        missing = [r for r in attn_resolutions if r not in resolutions]
+        if missing:
+            problems.append(f"attention resolutions {missing} are never reached (resolutions: {resolutions})")
+        if not 0.0 <= dropout < 1.0:
+            problems.append(f"dropout must be in [0, 1), got {dropout}")
+        if problems:
+            raise ValueError("UNet: " + "; ".join(problems))
+        self.config = dict(in_channels=in_channels, out_channels=out_channels, image_size=image_size, ch=ch,
+                           ch_mult=ch_mult, num_res_blocks=num_res_blocks, attn_resolutions=attn_resolutions,
+                           dropout=dropout, num_groups=num_groups, eps=eps, resamp_with_conv=resamp_with_conv)
+        self.in_channels, self.out_channels, self.image_size = in_channels, out_channels, image_size
+        self.ch, self.ch_mult, self.num_res_blocks = ch, ch_mult, num_res_blocks
+        self.diffusion = diffusion
+        temb_ch = 4 * ch
+        block = lambda cin, cout: ResnetBlock(cin, cout, temb_ch, dropout, num_groups, eps)  # noqa: E731
+        attn = lambda c: AttnBlock(c, num_groups, eps)  # noqa: E731
+
+        self.temb = nn.Module()
+        self.temb.dense = nn.ModuleList([_init_(nn.Linear(ch, temb_ch)), _init_(nn.Linear(temb_ch, temb_ch))])
+        self.conv_in = _init_(nn.Conv2d(in_channels, ch, 3, padding=1))
+
+        in_ch_mult = (1,) + ch_mult
+        self.down = nn.ModuleList()
+        block_in = ch
+        for level in range(levels):
+            down = nn.Module()
+            down.block, down.attn = nn.ModuleList(), nn.ModuleList()
+            block_out = ch * ch_mult[level]
+            for _ in range(num_res_blocks):
+                down.block.append(block(block_in, block_out))
+                block_in = block_out
+                if resolutions[level] in attn_resolutions:
+                    down.attn.append(attn(block_in))
+            if level != levels - 1:
+                down.downsample = Downsample(block_in, resamp_with_conv)
+            self.down.append(down)
+
+        self.mid = nn.Module()
+        self.mid.block_1 = block(block_in, block_in)
+        self.mid.attn_1 = attn(block_in)
+        self.mid.block_2 = block(block_in, block_in)
+
+        ups = []
+        for level in reversed(range(levels)):
+            up = nn.Module()
+            up.block, up.attn = nn.ModuleList(), nn.ModuleList()
+            block_out = ch * ch_mult[level]
+            for i_block in range(num_res_blocks + 1):
+                # the skip popped last at this level is the previous level's output (or conv_in's)
+                skip = ch * (ch_mult[level] if i_block < num_res_blocks else in_ch_mult[level])
+                up.block.append(block(block_in + skip, block_out))
+                block_in = block_out
+                if resolutions[level] in attn_resolutions:
+                    up.attn.append(attn(block_in))
+            if level != 0:
+                up.upsample = Upsample(block_in, resamp_with_conv)
+            ups.insert(0, up)  # stored by level, as the original: up[0] is the full resolution
+        self.up = nn.ModuleList(ups)
+
+        self.norm_out = GroupNorm(block_in, num_groups, eps)
+        self.conv_out = _init_(nn.Conv2d(block_in, out_channels, 3, padding=1), zero=True)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "UNet":
+        """UNet.from_preset("cifar10" | "small", **overrides): the paper's CIFAR-10 network or the small CPU one."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """:param x: (B, in_channels, H, W), H and W divisible by 2^(levels-1). :param t: (B,) code timesteps.
+        :return: eps prediction (B, out_channels, H, W)."""
+        levels = len(self.ch_mult)
+        if x.dim() != 4 or x.shape[1] != self.in_channels or x.shape[2] % 2 ** (levels - 1) \
+                or x.shape[3] % 2 ** (levels - 1):
+            raise ValueError(f"UNet expects x of shape (B, {self.in_channels}, H, W) with H, W divisible by "
+                             f"{2 ** (levels - 1)}, got {tuple(x.shape)}")
+        if not isinstance(t, torch.Tensor) or t.shape not in ((x.shape[0],), ()):
+            raise ValueError(f"UNet expects t of shape ({x.shape[0]},), got {getattr(t, 'shape', t)}")
+        t = t.expand(x.shape[0])
+        temb = self.temb.dense[0](timestep_embedding(t, self.ch).to(x.dtype))
+        temb_act = F.silu(self.temb.dense[1](F.silu(temb)))
+
+        hs = [self.conv_in(x)]
+        for level, down in enumerate(self.down):
+            for i_block, res_block in enumerate(down.block):
+                h = res_block(hs[-1], temb_act)
+                if len(down.attn):
+                    h = down.attn[i_block](h)
+                hs.append(h)
+            if level != levels - 1:
+                hs.append(down.downsample(hs[-1]))
+
+        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(hs[-1], temb_act)), temb_act)
+
+        for level in reversed(range(levels)):
+            up = self.up[level]
+            for i_block, res_block in enumerate(up.block):
+                h = res_block(torch.cat([h, hs.pop()], dim=1), temb_act)
+                if len(up.attn):
+                    h = up.attn[i_block](h)
+            if level != 0:
+                h = up.upsample(h)
+        return self.conv_out(self.norm_out(h, act=True))

@@ -1,0 +1,36 @@
+"""Test setup. Tests run against the installed package (pip install --no-build-isolation .), not the source tree:
+_C and ddpm_fast.kernels exist only in the installed copy."""
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+# Triton kernels run on CPU tensors under the interpreter where there is no GPU; this must precede their import.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path = [p for p in sys.path if Path(p or ".").resolve() != REPO]  # never import ddpm_fast from the checkout
+
+import ddpm_fast  # noqa: E402
+
+if Path(ddpm_fast.__file__).resolve().parent == REPO / "ddpm_fast":
+    raise RuntimeError("tests must run against the installed ddpm_fast: run `pip install --no-build-isolation .` "
+                       "and start pytest from the repository root without `python -m`")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """||out - ref|| / ||ref||, in float64 (DESIGN.md's tolerance measure)."""
+    out, ref = out.double(), ref.double()
+    return float(torch.linalg.vector_norm(out - ref) / torch.linalg.vector_norm(ref))

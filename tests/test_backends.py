@@ -1,0 +1,105 @@
+"""The build and the backend registry: what is available and why, DDPM_FAST_REQUIRE, explicit choices that
+cannot run, the packaging (kernels as ddpm_fast.kernels, headers in the sdist, the torch-first message)."""
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+
+import ddpm_fast
+from ddpm_fast.ops import BackendUnavailable, _registry, group_norm, use_backend
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def run_python(code: str, **env) -> subprocess.CompletedProcess:
+    environment = {k: v for k, v in os.environ.items()
+                   if k not in ("TRITON_INTERPRET", "DDPM_FAST_REQUIRE", "DDPM_FAST_BACKEND")}
+    environment.update(env)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=environment,
+                          cwd=Path.home() if Path.home().exists() else "/")
+
+
+def test_backends_report_every_backend_with_a_reason():
+    status = ddpm_fast.backends()
+    assert set(status) == {"reference", "cpp", "triton"}
+    assert all(isinstance(s.reason, str) and s.reason for s in status.values())
+    assert status["reference"].available and status["cpp"].available
+
+
+def test_the_extension_belongs_to_the_running_torch():
+    from ddpm_fast import _C
+
+    assert _C.torch_version == torch.__version__
+    assert _C.with_cuda in (0, 1)
+
+
+def test_kernels_ship_inside_the_package_only():
+    import ddpm_fast.kernels.philox  # noqa: F401
+
+    site = Path(ddpm_fast.__file__).resolve().parent.parent
+    assert not (site / "kernels").exists(), "a top-level `kernels` package was installed"
+
+
+def test_require_makes_a_missing_backend_an_import_error():
+    done = run_python("import ddpm_fast", DDPM_FAST_REQUIRE="cpp,triton")  # no TRITON_INTERPRET, no GPU
+    if torch.cuda.is_available():
+        assert done.returncode == 0, done.stderr
+        return
+    assert done.returncode != 0
+    assert "DDPM_FAST_REQUIRE" in done.stderr and "triton" in done.stderr and "TRITON_INTERPRET" in done.stderr
+    done = run_python("import ddpm_fast", DDPM_FAST_REQUIRE="cpp,triton", TRITON_INTERPRET="1")
+    assert done.returncode == 0, done.stderr
+    done = run_python("import ddpm_fast", DDPM_FAST_REQUIRE="cuda")
+    assert done.returncode != 0 and "unknown backend 'cuda'" in done.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU machine Triton is available without the interpreter")
+def test_triton_asked_for_without_a_gpu_or_interpreter_says_why():
+    code = ("import torch; from ddpm_fast.ops import philox\n"
+            "philox.randn(torch.arange(2), torch.zeros(2, dtype=torch.int64), (4,), seed=0, stream=0, "
+            "backend='triton')")
+    done = run_python(code)
+    assert done.returncode != 0
+    assert "BackendUnavailable" in done.stderr and "TRITON_INTERPRET" in done.stderr
+
+
+def test_env_var_and_context_choose_and_refuse():
+    x = torch.randn(2, 8, 3, 3)
+    w, b = torch.randn(8), torch.randn(8)
+    with pytest.raises(BackendUnavailable, match="group_norm_silu has no 'cpp' implementation"):
+        with use_backend("cpp"):
+            group_norm.group_norm_silu(x, w, b, 4, 1e-6)
+    done = run_python("import torch; from ddpm_fast.ops import group_norm as g\n"
+                      "g.group_norm_silu(torch.randn(2, 8, 3, 3), torch.ones(8), torch.zeros(8), 4, 1e-6)",
+                      DDPM_FAST_BACKEND="triton")
+    assert done.returncode != 0 and "$DDPM_FAST_BACKEND" in done.stderr
+    assert _registry.choose("x", torch.device("cpu"), ("reference", "cpp")) == "cpp"
+    assert _registry.choose("x", torch.device("cpu"), ("reference",)) == "reference"
+    assert _registry.choose("x", torch.device("cpu"), ("reference", "cpp", "triton")) == "cpp"  # table, not timing
+
+
+def test_plain_pip_install_stops_early_with_one_message():
+    """Under build isolation torch is absent from the build environment: setup.py must say what to run."""
+    code = (f"import sys, runpy; sys.modules['torch'] = None; sys.argv = ['setup.py', '--name']\n"
+            f"runpy.run_path({str(REPO / 'setup.py')!r}, run_name='__main__')")
+    done = run_python(code)
+    assert done.returncode != 0
+    assert "pip install --no-build-isolation ." in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_sdist_carries_every_header(tmp_path):
+    done = subprocess.run([sys.executable, "setup.py", "-q", "sdist", "-d", str(tmp_path)], cwd=REPO,
+                          capture_output=True, text=True, env={**os.environ, "DDPM_FAST_CUDA": "0"})
+    assert done.returncode == 0, done.stderr
+    (archive,) = tmp_path.glob("*.tar.gz")
+    with tarfile.open(archive) as tar:
+        names = {Path(*Path(name).parts[1:]).as_posix() for name in tar.getnames()}
+    sources = {p.relative_to(REPO).as_posix() for p in (REPO / "csrc").rglob("*")
+               if p.suffix in (".h", ".cuh", ".cpp", ".cu")}
+    assert sources and sources <= names
+    assert {"kernels/philox.py", "setup.py", "pyproject.toml"} <= names
