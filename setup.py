@@ -92,7 +92,7 @@ from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtensio
 sources = ["csrc/ops.cpp"] + sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cpu").glob("*.cpp"))
 # Stringified in ops.cpp: the torch this _C belongs to, checked at import.
 macros = [("DDPM_FAST_TORCH_VERSION", torch.__version__)]
-cxx_flags = ["-O3", "-g0", "-fopenmp", "-std=c++17"]
+cxx_flags = ["-O3", "-g0", "-fopenmp"]  # torch adds the -std its headers need
 include_dirs = [str(ROOT / "csrc" / "include")]
 if build_cuda:
     sources += sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cuda").glob("*.cu"))
@@ -103,7 +103,7 @@ if build_cuda:
     include_dirs += [str(p) for p in nvidia.glob("cu*/include")]
     extension = CUDAExtension(
         "ddpm_fast._C", sources, include_dirs=include_dirs, define_macros=macros,
-        extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17", "-lineinfo", "-Xcompiler", "-g0"]},
+        extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-lineinfo", "-Xcompiler", "-g0"]},
         extra_link_args=["-fopenmp"],
     )
 else:
