@@ -184,6 +184,13 @@ class Diffusion:
                stream: int) -> torch.Tensor:
         return philox.randn(sample_index, counter2, x.shape[1:], seed=seed, stream=stream).to(x.dtype)
 
+    def _training_noise(self, x0, noise, seed, step, sample_index) -> torch.Tensor:
+        """The given eps (checked against x0), or a draw of Philox stream 2 keyed by (seed, sample_index, step)."""
+        if noise is None:
+            index = self._sample_index(sample_index, x0)
+            noise = self._noise(x0, index, torch.full_like(index, step), seed, philox.STREAM_TRAIN_EPS)
+        return self._check_like("noise", noise, x0, "x0")
+
     def _model_eps(self, model: Model, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """eps_theta(x_t, t): the model gets the original timestep of index t, and must return x_t's shape."""
         eps = model(x_t, self._on(x_t.device, x_t.dtype)["timestep_map"][t])
@@ -212,10 +219,7 @@ class Diffusion:
         """
         x0 = self._check_x("x0", x0)
         t = self._check_t(t, x0)
-        if noise is None:
-            index = self._sample_index(sample_index, x0)
-            noise = self._noise(x0, index, torch.full_like(index, step), seed, philox.STREAM_TRAIN_EPS)
-        noise = self._check_like("noise", noise, x0, "x0")
+        noise = self._training_noise(x0, noise, seed, step, sample_index)
         return self._q_sample(x0, t, noise)
 
     def _q_sample(self, x0, t, noise):
@@ -293,10 +297,7 @@ class Diffusion:
             raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
         x0 = self._check_x("x0", x0)
         t = self._check_t(t, x0)
-        if noise is None:
-            index = self._sample_index(sample_index, x0)
-            noise = self._noise(x0, index, torch.full_like(index, step), seed, philox.STREAM_TRAIN_EPS)
-        noise = self._check_like("noise", noise, x0, "x0")
+        noise = self._training_noise(x0, noise, seed, step, sample_index)
         x_t = self._q_sample(x0, t, noise)
         losses = mean_flat((noise - self._model_eps(model, x_t, t)) ** 2)
         return losses.mean() if reduction == "mean" else losses
