@@ -103,7 +103,7 @@ def sample(model, n: int, *, diffusion: Diffusion | None = None, sampler: str = 
 
     steps_count = diffusion.num_timesteps
     timesteps = torch.arange(steps_count, device=device)
-    timestep_map = diffusion.timestep_map.to(device)
+    timestep_map = diffusion._on(device, torch.float32)["timestep_map"]  # the tables copy it there once
     t_start = int(diffusion.timestep_map[-1]) + 1  # the counter of x_T: the original T
     images = torch.empty(n, *shape, dtype=torch.float32, device=device)
     was_training = model.training if isinstance(model, nn.Module) else None

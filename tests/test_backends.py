@@ -37,6 +37,13 @@ def test_the_extension_belongs_to_the_running_torch():
     assert _C.with_cuda in (0, 1)
 
 
+def test_an_extension_built_for_another_torch_is_refused(monkeypatch):
+    monkeypatch.setattr(torch, "__version__", "0.0.1+other")
+    module, reason = _registry._cpp_module.__wrapped__()
+    assert module is None
+    assert "but torch 0.0.1+other is running" in reason and "--no-build-isolation" in reason
+
+
 def test_kernels_ship_inside_the_package_only():
     import ddpm_fast.kernels.philox  # noqa: F401
 
