@@ -104,10 +104,6 @@ class Diffusion:
         return (f"Diffusion(schedule={self.schedule!r}, timesteps={self.num_timesteps}, "
                 f"variance={self.variance!r})")
 
-    @property
-    def respaced(self) -> bool:
-        return not torch.equal(self.timestep_map, torch.arange(self.num_timesteps))
-
     def with_variance(self, variance: str) -> "Diffusion":
         """The same process with another reverse-process variance."""
         if variance == self.variance:
