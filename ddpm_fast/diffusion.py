@@ -139,6 +139,10 @@ class Diffusion:
         """table[t] shaped to broadcast against x: (B, 1, 1, ...)."""
         return self._on(x.device, x.dtype)[name][t].view(-1, *([1] * (x.dim() - 1)))
 
+    def _original_t(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The original timestep of each index t (the model's input and the noise counter), gathered on x's device."""
+        return self._on(x.device, x.dtype)["timestep_map"][t]
+
     def _check_x(self, name: str, x) -> torch.Tensor:
         if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() < 2:
             raise ValueError(f"{name} must be a floating tensor of shape (B, ...), got {_describe(x)}")
@@ -189,7 +193,7 @@ class Diffusion:
 
     def _model_eps(self, model: Model, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """eps_theta(x_t, t): the model gets the original timestep of index t, and must return x_t's shape."""
-        eps = model(x_t, self._on(x_t.device, x_t.dtype)["timestep_map"][t])
+        eps = model(x_t, self._original_t(t, x_t))
         if not isinstance(eps, torch.Tensor) or eps.shape != x_t.shape:
             raise ValueError(f"the model must return eps with the shape of x_t {tuple(x_t.shape)}, got "
                              f"{_describe(eps)}")
@@ -276,7 +280,7 @@ class Diffusion:
     def _p_sample(self, model, x_t, t, clip_denoised, seed, sample_index, noise=None) -> PSample:
         out = self._p_mean_variance(model, x_t, t, clip_denoised)
         if noise is None:
-            noise = self._noise(x_t, sample_index, self._on(x_t.device, x_t.dtype)["timestep_map"][t], seed,
+            noise = self._noise(x_t, sample_index, self._original_t(t, x_t), seed,
                                 philox.STREAM_REVERSE)
         nonzero = (t != 0).to(x_t.dtype).view(-1, *([1] * (x_t.dim() - 1)))
         return PSample(out.mean + nonzero * torch.exp(0.5 * out.log_variance) * noise, out.pred_x0)
@@ -339,7 +343,7 @@ class Diffusion:
         timesteps = torch.arange(steps, device=x0.device)
         for i in tqdm(range(steps - 1, -1, -1), desc="bound", disable=not progress, leave=False):
             t = timesteps[i].expand(batch)
-            noise = self._noise(x0, index, self._on(x0.device, x0.dtype)["timestep_map"][t], seed,
+            noise = self._noise(x0, index, self._original_t(t, x0), seed,
                                 philox.STREAM_EVAL_EPS)
             x_t = self._q_sample(x0, t, noise)
             terms[:, i], pred_x0 = self._vb_terms_bpd(model, x0, x_t, t, clip_denoised)
