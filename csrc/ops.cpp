@@ -12,6 +12,23 @@ TORCH_LIBRARY(ddpm_fast, m) {
   // Standard normals in the layout of DESIGN.md: out[b, e] uses counter (e // 4, sample_index[b], counter2[b], c3).
   // sample_index, counter2: (B,) int64 in [0, 2^32); c3: stream | layer << 8; returns (B, numel) float32.
   m.def("philox_normal(Tensor sample_index, Tensor counter2, int seed, int c3, int numel) -> Tensor");
+
+  // The fused diffusion ops (ddpm_fast/ops/diffusion_step.py has the references). t (B,) int64 picks the row of a
+  // coefficient table coef (T, cols) in the accumulation dtype (float64 for float64 inputs, else float32); noise
+  // comes from Philox counter (e // 4, sample_index[b], counter2[b], c3) in the sample's logical element order.
+  // Forward noising: x_t = coef[t, 0] x0 + coef[t, 1] noise (float32 out; float64 for float64).
+  m.def("q_sample(Tensor x0, Tensor t, Tensor coef, Tensor noise) -> Tensor");
+  // The same with the noise drawn in the pass; returns (x_t, eps).
+  m.def("q_sample_philox(Tensor x0, Tensor t, Tensor coef, Tensor sample_index, Tensor counter2, int seed, int c3) "
+        "-> (Tensor, Tensor)");
+  // L_simple per sample: mean of (eps_pred - eps)^2 over each sample, (B,); and its gradient for eps_pred.
+  m.def("simple_loss(Tensor eps_pred, Tensor eps) -> Tensor");
+  m.def("simple_loss_backward(Tensor grad, Tensor eps_pred, Tensor eps) -> Tensor");
+  // One reverse step from the row coef[t] = (a, b, c_x0, c_xt, sigma): x0_hat = a x_t - b eps (clipped if clip),
+  // x_{t-1} = c_x0 x0_hat + c_xt x_t + sigma z, no noise where t == 0. Returns (x_{t-1}, x0_hat if write_x0 else
+  // an empty tensor).
+  m.def("reverse_step(Tensor x_t, Tensor eps, Tensor t, Tensor coef, Tensor sample_index, Tensor counter2, int seed, "
+        "int c3, bool clip, bool write_x0) -> (Tensor, Tensor)");
 }
 
 extern "C" PyMODINIT_FUNC PyInit__C(void) {

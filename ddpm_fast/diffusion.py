@@ -1,8 +1,9 @@
 """The DDPM math (Ho et al. 2020) in the code's indices t = 0..T-1 (paper t - 1); DESIGN.md fixes the conventions.
 
 Tables are float64 once (schedule.py), copied to each device once as float32 (float64 for float64 inputs), and
-gathered there by t: no host copy per call. Public methods validate their arguments (which may sync the host);
-the sampler calls the unchecked `_p_sample` inside its loop.
+gathered there by t: no host copy per call. The forward noising, L_simple and the reverse step run as fused ops
+(ddpm_fast/ops/diffusion_step.py) that read one table row per sample; the rest (the posterior, the bound) is eager.
+Public methods validate their arguments (which may sync the host); the sampler calls the unchecked `_reverse_step`.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ddpm_fast import schedule as _schedule
-from ddpm_fast.ops import philox
+from ddpm_fast.ops import diffusion_step, philox
 
 Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -99,6 +100,7 @@ class Diffusion:
         if self.timestep_map.shape != (self.num_timesteps,):
             raise ValueError(f"timestep_map must have shape ({self.num_timesteps},)")
         self._device_tables: dict[tuple[torch.device, torch.dtype], dict[str, torch.Tensor]] = {}
+        self._step_tables: dict[tuple, torch.Tensor] = {}
 
     def __repr__(self) -> str:
         return (f"Diffusion(schedule={self.schedule!r}, timesteps={self.num_timesteps}, "
@@ -131,9 +133,21 @@ class Diffusion:
         key = (device, dtype)
         if key not in self._device_tables:
             tables = {name: value.to(device=device, dtype=dtype) for name, value in self.tables.items()}
+            tables["q_sample"] = _schedule.q_sample_table(self.tables).to(device=device, dtype=dtype)
             tables["timestep_map"] = self.timestep_map.to(device)
             self._device_tables[key] = tables
         return self._device_tables[key]
+
+    def step_table(self, device, dtype: torch.dtype = torch.float32, sampler: str = "ddpm",
+                   eta: float = 0.0) -> torch.Tensor:
+        """The (T, 5) rows of the fused reverse step for `sampler` ("ddpm" with this process's variance, or "ddim"
+        with `eta`) on `device` in `dtype` (float32 or float64), built in float64 once per key."""
+        device = torch.device(device)
+        key = (device, dtype, sampler, float(eta) if sampler == "ddim" else 0.0)
+        if key not in self._step_tables:
+            table = _schedule.reverse_step_table(self.tables, sampler, eta)
+            self._step_tables[key] = table.to(device=device, dtype=dtype)
+        return self._step_tables[key]
 
     def _extract(self, name: str, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """table[t] shaped to broadcast against x: (B, 1, 1, ...)."""
@@ -180,26 +194,27 @@ class Diffusion:
                              f"got {_describe(sample_index)}")
         return sample_index
 
-    def _noise(self, x: torch.Tensor, sample_index: torch.Tensor, counter2: torch.Tensor, seed: int,
-               stream: int) -> torch.Tensor:
-        return philox.randn(sample_index, counter2, x.shape[1:], seed=seed, stream=stream).to(x.dtype)
-
-    def _training_noise(self, x0, noise, seed, step, sample_index) -> torch.Tensor:
-        """The given eps (checked against x0), or a draw of Philox stream 2 keyed by (seed, sample_index, step)."""
+    def _noised(self, x0, t, noise, seed, step, sample_index) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x_t, eps) for training: the given eps (checked against x0), or eps drawn inside the fused noising from
+        Philox stream 2 keyed by (seed, sample_index, step)."""
         if noise is None:
             index = self._sample_index(sample_index, x0)
-            noise = self._noise(x0, index, torch.full_like(index, step), seed, philox.STREAM_TRAIN_EPS)
-        return self._check_like("noise", noise, x0, "x0")
+            return diffusion_step.q_sample_philox(x0, t, self._on(x0.device, x0.dtype)["q_sample"], index,
+                                                  torch.full_like(index, step), seed=seed,
+                                                  stream=philox.STREAM_TRAIN_EPS)
+        noise = self._check_like("noise", noise, x0, "x0")
+        return self._q_sample(x0, t, noise), noise
 
-    def _model_eps(self, model: Model, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """eps_theta(x_t, t): the model gets the original timestep of index t, and must return x_t's shape."""
-        eps = model(x_t, self._original_t(t, x_t))
+    def _model_eps(self, model: Model, x_t: torch.Tensor, original_t: torch.Tensor) -> torch.Tensor:
+        """eps_theta(x_t, t): the model gets the original timestep (see _original_t), and must return x_t's shape
+        (in any float dtype: the fused ops read bf16 as well)."""
+        eps = model(x_t, original_t)
         if not isinstance(eps, torch.Tensor) or eps.shape != x_t.shape:
             raise ValueError(f"the model must return eps with the shape of x_t {tuple(x_t.shape)}, got "
                              f"{_describe(eps)}")
         if eps.device != x_t.device:
             raise ValueError(f"the model returned a tensor on {eps.device} for x_t on {x_t.device}")
-        return eps.to(x_t.dtype)
+        return eps
 
     # ------------------------------------------------------------------------------------------------ q
     def q_mean_variance(self, x0: torch.Tensor, t) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -212,19 +227,18 @@ class Diffusion:
 
     def q_sample(self, x0: torch.Tensor, t, noise: torch.Tensor | None = None, *, seed: int = 0, step: int = 0,
                  sample_index: torch.Tensor | None = None) -> torch.Tensor:
-        """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, a draw of q(x_t | x0).
+        """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, a draw of q(x_t | x0), in one fused pass.
 
         :param x0: (B, ...) data in [-1, 1]. :param t: int or (B,) int64 code timesteps.
-        :param noise: eps, x0's shape; None draws it from Philox stream 2 keyed by (seed, sample_index, step).
+        :param noise: eps, x0's shape and dtype; None draws it from Philox stream 2 keyed by (seed, sample_index, step).
+        :return: x_t in float32 (float64 for float64 x0).
         """
         x0 = self._check_x("x0", x0)
         t = self._check_t(t, x0)
-        noise = self._training_noise(x0, noise, seed, step, sample_index)
-        return self._q_sample(x0, t, noise)
+        return self._noised(x0, t, noise, seed, step, sample_index)[0]
 
     def _q_sample(self, x0, t, noise):
-        return (self._extract("sqrt_alphas_cumprod", t, x0) * x0
-                + self._extract("sqrt_one_minus_alphas_cumprod", t, x0) * noise)
+        return diffusion_step.q_sample(x0, t, self._on(x0.device, x0.dtype)["q_sample"], noise)
 
     def q_posterior_mean_variance(self, x0: torch.Tensor, x_t: torch.Tensor, t):
         """Mean, variance and clipped log variance of the forward posterior q(x_{t-1} | x_t, x0)."""
@@ -255,7 +269,7 @@ class Diffusion:
         return self._p_mean_variance(model, x_t, self._check_t(t, x_t), clip_denoised)
 
     def _p_mean_variance(self, model, x_t, t, clip_denoised):
-        pred_x0 = self._predict_x0(x_t, t, self._model_eps(model, x_t, t))
+        pred_x0 = self._predict_x0(x_t, t, self._model_eps(model, x_t, self._original_t(t, x_t)).to(x_t.dtype))
         if clip_denoised:
             pred_x0 = pred_x0.clamp(-1.0, 1.0)
         mean, _, _ = self._q_posterior(pred_x0, x_t, t)
@@ -268,7 +282,9 @@ class Diffusion:
                  sample_index: torch.Tensor | None = None) -> PSample:
         """One reverse step x_t -> x_{t-1} = mean + sigma_t z, without noise where t == 0.
 
-        :param noise: z, x_t's shape; None draws it from Philox stream 1 keyed by (seed, sample_index, timestep).
+        :param noise: z, x_t's shape; None draws it inside the fused step from Philox stream 1 keyed by
+            (seed, sample_index, original timestep). With an explicit z the step is computed eagerly.
+        :return: PSample(x_{t-1}, x0_hat), float32 (float64 for float64 x_t).
         """
         x_t = self._check_x("x_t", x_t)
         t = self._check_t(t, x_t)
@@ -278,12 +294,22 @@ class Diffusion:
         return self._p_sample(model, x_t, t, clip_denoised, seed, index, noise)
 
     def _p_sample(self, model, x_t, t, clip_denoised, seed, sample_index, noise=None) -> PSample:
-        out = self._p_mean_variance(model, x_t, t, clip_denoised)
+        if x_t.dtype not in (torch.float32, torch.float64):
+            x_t = x_t.float()  # the state of the reverse process is float32
         if noise is None:
-            noise = self._noise(x_t, sample_index, self._original_t(t, x_t), seed,
-                                philox.STREAM_REVERSE)
+            table = self.step_table(x_t.device, x_t.dtype, "ddpm")
+            return PSample(*self._reverse_step(model, x_t, t, table, clip_denoised, seed, sample_index, True))
+        out = self._p_mean_variance(model, x_t, t, clip_denoised)
         nonzero = (t != 0).to(x_t.dtype).view(-1, *([1] * (x_t.dim() - 1)))
-        return PSample(out.mean + nonzero * torch.exp(0.5 * out.log_variance) * noise, out.pred_x0)
+        return PSample(out.mean + nonzero * torch.exp(0.5 * out.log_variance) * noise.to(x_t.dtype), out.pred_x0)
+
+    def _reverse_step(self, model, x_t, t, table, clip_denoised, seed, sample_index, write_x0=False):
+        """(x_{t-1}, x0_hat or None): the model's eps, then the fused step with the rows `table` (step_table) and
+        z from Philox stream 1 keyed by (seed, sample_index, original timestep). Unchecked: the sampler's loop."""
+        original_t = self._original_t(t, x_t)
+        eps = self._model_eps(model, x_t, original_t)
+        return diffusion_step.reverse_step(x_t, eps, t, table, sample_index, original_t, seed=seed,
+                                           clip=clip_denoised, write_x0=write_x0)
 
     # ------------------------------------------------------------------------------------------------ training
     def training_loss(self, model: Model, x0: torch.Tensor, t, noise: torch.Tensor | None = None, *,
@@ -297,9 +323,8 @@ class Diffusion:
             raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
         x0 = self._check_x("x0", x0)
         t = self._check_t(t, x0)
-        noise = self._training_noise(x0, noise, seed, step, sample_index)
-        x_t = self._q_sample(x0, t, noise)
-        losses = mean_flat((noise - self._model_eps(model, x_t, t)) ** 2)
+        x_t, eps = self._noised(x0, t, noise, seed, step, sample_index)
+        losses = diffusion_step.simple_loss(self._model_eps(model, x_t, self._original_t(t, x0)), eps)
         return losses.mean() if reduction == "mean" else losses
 
     # ------------------------------------------------------------------------------------------------ the bound
@@ -343,9 +368,9 @@ class Diffusion:
         timesteps = torch.arange(steps, device=x0.device)
         for i in tqdm(range(steps - 1, -1, -1), desc="bound", disable=not progress, leave=False):
             t = timesteps[i].expand(batch)
-            noise = self._noise(x0, index, self._original_t(t, x0), seed,
-                                philox.STREAM_EVAL_EPS)
-            x_t = self._q_sample(x0, t, noise)
+            x_t, _ = diffusion_step.q_sample_philox(x0, t, self._on(x0.device, x0.dtype)["q_sample"], index,
+                                                    self._original_t(t, x0), seed=seed,
+                                                    stream=philox.STREAM_EVAL_EPS)
             terms[:, i], pred_x0 = self._vb_terms_bpd(model, x0, x_t, t, clip_denoised)
             mse[:, i] = mean_flat((pred_x0 - x0) ** 2)
         prior = self.prior_bpd(x0)

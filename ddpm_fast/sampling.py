@@ -1,4 +1,5 @@
-"""Sampling: DDPM ancestral sampling (Algorithm 2 of the paper) over a whole run of n images, in batches.
+"""Sampling: DDPM ancestral sampling (Algorithm 2 of the paper) or DDIM over a whole run of n images, in batches.
+Each step is the model call and one fused reverse-step op (ddpm_fast/ops/diffusion_step.py).
 
 Noise is keyed by the global sample index (DESIGN.md), so the images do not depend on the batch split.
 The loop keeps t on the device and checks for NaN/inf with a device-side flag read once per batch.
@@ -65,7 +66,8 @@ def sample(model, n: int, *, diffusion: Diffusion | None = None, sampler: str = 
     :param model: an nn.Module or any callable (x_t (B, C, H, W) float32, t (B,) int64) -> eps (B, C, H, W).
     :param n: number of images.
     :param diffusion: the process; default: model.diffusion if the model has one, else Diffusion().
-    :param sampler: "ddpm" (ancestral). :param steps: None for all T, or k < T respaced steps (DESIGN.md).
+    :param sampler: "ddpm" (ancestral) or "ddim" (Song et al., with `eta` in [0, 1]; 0 is deterministic).
+    :param steps: None for all T, or k < T respaced steps (DESIGN.md), for either sampler.
     :param seed: the Philox key; image i is a function of (seed, i) alone.
     :param batch_size: images per model call (default: min(n, 256)).
     :param device: where to sample (default: the model's device, else CPU).
@@ -79,13 +81,11 @@ def sample(model, n: int, *, diffusion: Diffusion | None = None, sampler: str = 
     n = _check_positive_int("n", n)
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
-    if sampler == "ddim":
-        raise NotImplementedError("sampler='ddim' is not implemented yet; use sampler='ddpm' (with steps= to respace)")
     if return_intermediates:
         raise NotImplementedError("return_intermediates is not implemented yet")
     if out is not None:
         raise NotImplementedError("out= (streaming to disk) is not implemented yet")
-    if eta != 0.0:
+    if sampler == "ddpm" and eta != 0.0:
         raise ValueError("eta applies to sampler='ddim' only")
     if not callable(model):
         raise ValueError(f"model must be callable as model(x_t, t), got {type(model).__name__}")
@@ -101,6 +101,7 @@ def sample(model, n: int, *, diffusion: Diffusion | None = None, sampler: str = 
     if model_device is not None and model_device != device:
         raise ValueError(f"the model is on {model_device} but device={device}; move one of them")
 
+    table = diffusion.step_table(device, torch.float32, sampler, eta)  # the step's rows (checks eta)
     steps_count = diffusion.num_timesteps
     timesteps = torch.arange(steps_count, device=device)
     timestep_map = diffusion._on(device, torch.float32)["timestep_map"]  # the tables copy it there once
@@ -119,7 +120,7 @@ def sample(model, n: int, *, diffusion: Diffusion | None = None, sampler: str = 
                 first_bad = torch.full((), -1, dtype=torch.int64, device=device)
                 for i in reversed(range(steps_count)):
                     t = timesteps[i].expand(stop - start)
-                    x = diffusion._p_sample(model, x, t, clip_denoised, seed, index).sample
+                    x, _ = diffusion._reverse_step(model, x, t, table, clip_denoised, seed, index)
                     # remember the first step that went non-finite, without a host sync per step
                     first_bad = torch.where((first_bad < 0) & ~torch.isfinite(x).all(), timestep_map[i], first_bad)
                     bar.update(1)

@@ -83,3 +83,33 @@ def respaced_timesteps(timesteps: int, steps: int) -> torch.Tensor:
         raise ValueError(f"steps must be an int in [1, {timesteps}], got {steps!r}")
     kept = torch.linspace(0, timesteps - 1, steps, dtype=torch.float64).round().long()
     return torch.unique(kept)
+
+
+def q_sample_table(tables: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(T, 2) float64 rows (sqrt(abar_t), sqrt(1 - abar_t)) for the fused forward noising."""
+    return torch.stack([tables["sqrt_alphas_cumprod"], tables["sqrt_one_minus_alphas_cumprod"]], dim=1)
+
+
+def reverse_step_table(tables: dict[str, torch.Tensor], sampler: str, eta: float = 0.0) -> torch.Tensor:
+    """(T, 5) float64 rows (a, b, c_x0, c_xt, sigma) of the fused reverse step: x0_hat = a x_t - b eps,
+    x_{t-1} = c_x0 x0_hat + c_xt x_t + sigma z (no noise at t = 0).
+
+    "ddpm": the posterior mean at x0_hat (Ho et al. eq. 7) and sigma = exp(log variance / 2) of the model variance.
+    "ddim": Song et al. eq. 12 with eps re-derived from the (clipped) x0_hat as improved-diffusion does,
+    eps' = (a x_t - x0_hat) / b, x_{t-1} = sqrt(abar_prev) x0_hat + sqrt(1 - abar_prev - sigma^2) eps' + sigma z,
+    sigma = eta sqrt((1 - abar_prev) / (1 - abar)) sqrt(1 - abar / abar_prev); collected on x0_hat and x_t.
+    """
+    a, b = tables["sqrt_recip_alphas_cumprod"], tables["sqrt_recipm1_alphas_cumprod"]
+    if sampler == "ddpm":
+        columns = [tables["posterior_mean_coef1"], tables["posterior_mean_coef2"],
+                   torch.exp(0.5 * tables["model_log_variance"])]
+    elif sampler == "ddim":
+        if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0.0 <= eta <= 1.0:
+            raise ValueError(f"eta must be a number in [0, 1], got {eta!r}")
+        abar, abar_prev = tables["alphas_cumprod"], tables["alphas_cumprod_prev"]
+        sigma = eta * torch.sqrt((1.0 - abar_prev) / (1.0 - abar)) * torch.sqrt(1.0 - abar / abar_prev)
+        coef_eps = torch.sqrt((1.0 - abar_prev - sigma ** 2).clamp(min=0.0))
+        columns = [torch.sqrt(abar_prev) - coef_eps / b, coef_eps * a / b, sigma]
+    else:
+        raise ValueError(f"unknown sampler {sampler!r}; choose 'ddpm' or 'ddim'")
+    return torch.stack([a, b, *columns], dim=1)

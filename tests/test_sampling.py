@@ -106,5 +106,7 @@ def test_bad_input_names_the_argument(model):
         run(None, 2, shape=(1, 8, 8))
     with pytest.raises(ValueError, match="diffusion must be"):
         run(model, 2, diffusion="linear")
-    with pytest.raises(NotImplementedError, match="ddim"):
-        run(model, 2, sampler="ddim")
+    with pytest.raises(ValueError, match="eta must be a number in"):
+        run(model, 2, sampler="ddim", eta=1.5)
+    with pytest.raises(ValueError, match="eta applies to sampler='ddim' only"):
+        run(model, 2, eta=0.5)

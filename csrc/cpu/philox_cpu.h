@@ -1,0 +1,13 @@
+// Vectorized Philox normals for the CPU kernels (defined in philox.cpp, compiled for AVX-512, AVX2 and the baseline
+// and picked at load time; with -ffp-contract=off every version gives the same bits).
+#pragma once
+#include <cstdint>
+
+namespace ddpm_fast {
+namespace cpu {
+
+// out[4 * i + j] = normal j of counter (q0 + i, c1, c2, c3) under `seed`, for i < quads: 4 * quads floats.
+void philox_normals(uint64_t seed, uint32_t q0, int64_t quads, uint32_t c1, uint32_t c2, uint32_t c3, float* out);
+
+}  // namespace cpu
+}  // namespace ddpm_fast
