@@ -48,6 +48,14 @@ def _normals(seed, q0, c1, c2, c3, BLOCK: tl.constexpr):
     return tl.interleave(tl.interleave(n0, n2), tl.interleave(n1, n3))
 
 
+@triton.jit
+def _row(coef_ptr, t_ptr, timesteps, COLUMNS: tl.constexpr):
+    """(pointer to row t of coef, whether t is a row): an out-of-range t reads row 0 and its outputs become NaN."""
+    t = tl.load(t_ptr)
+    valid = (t >= 0) & (t < timesteps)
+    return coef_ptr + tl.where(valid, t, 0) * COLUMNS, valid
+
+
 # ---------------------------------------------------------------------------------------------------- kernels
 @triton.jit
 def _q_sample_kernel(
@@ -56,17 +64,19 @@ def _q_sample_kernel(
     t_ptr,  # (B,) int64: rows of coef
     coef_ptr,  # (T, 2) acc dtype: sqrt(abar), sqrt(1 - abar)
     x_t_ptr,  # (B, ...) acc dtype: output
+    timesteps,  # T: a t outside [0, T) writes NaN (the host does not sync to check it)
     numel,  # elements per sample (each sample is one span of memory)
     BLOCK: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     e = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = e < numel
-    row = coef_ptr + tl.load(t_ptr + b) * 2
+    row, valid = _row(coef_ptr, t_ptr + b, timesteps, 2)
     sqrt_abar, sqrt_one_minus_abar = tl.load(row), tl.load(row + 1)
     x0 = tl.load(x0_ptr + b * numel + e, mask=mask).to(sqrt_abar.dtype)
     noise = tl.load(noise_ptr + b * numel + e, mask=mask).to(sqrt_abar.dtype)
-    tl.store(x_t_ptr + b * numel + e, sqrt_abar * x0 + sqrt_one_minus_abar * noise, mask=mask)
+    x_t = sqrt_abar * x0 + sqrt_one_minus_abar * noise
+    tl.store(x_t_ptr + b * numel + e, tl.where(valid, x_t, float("nan")), mask=mask)
 
 
 @triton.jit
@@ -78,6 +88,7 @@ def _q_sample_philox_kernel(
     counter2_ptr,  # (B,) int64: counter word c2
     x_t_ptr,  # (B, ...) acc dtype, x0's layout: output
     eps_ptr,  # (B, ...) acc dtype, x0's layout: the drawn noise
+    timesteps,  # T
     seed,  # int64 Philox key
     c3,  # int32 counter word c3 (stream | layer << 8)
     numel, spatial, stride_b, stride_c, stride_s,  # the sample layout (see _element_offset)
@@ -90,12 +101,13 @@ def _q_sample_philox_kernel(
     mask = e < numel
     z = _normals(seed, start // 4, tl.load(sample_index_ptr + b).to(tl.uint32),
                  tl.load(counter2_ptr + b).to(tl.uint32), c3.to(tl.uint32), BLOCK)
-    row = coef_ptr + tl.load(t_ptr + b) * 2
+    row, valid = _row(coef_ptr, t_ptr + b, timesteps, 2)
     sqrt_abar, sqrt_one_minus_abar = tl.load(row), tl.load(row + 1)
     off = _element_offset(b, e, spatial, stride_b, stride_c, stride_s, CONTIGUOUS)
     x0 = tl.load(x0_ptr + off, mask=mask).to(sqrt_abar.dtype)
     eps = z.to(sqrt_abar.dtype)
-    tl.store(x_t_ptr + off, sqrt_abar * x0 + sqrt_one_minus_abar * eps, mask=mask)
+    x_t = sqrt_abar * x0 + sqrt_one_minus_abar * eps
+    tl.store(x_t_ptr + off, tl.where(valid, x_t, float("nan")), mask=mask)
     tl.store(eps_ptr + off, eps, mask=mask)
 
 
@@ -146,6 +158,7 @@ def _reverse_step_kernel(
     counter2_ptr,  # (B,) int64: counter word c2
     x_prev_ptr,  # (B, ...) x_t's dtype and layout: output x_{t-1}
     x0_hat_ptr,  # (B, ...) or a dummy when not WRITE_X0
+    timesteps,  # T
     seed, c3,
     numel, spatial, stride_b, stride_c, stride_s,
     CLIP: tl.constexpr,
@@ -158,7 +171,7 @@ def _reverse_step_kernel(
     e = start + tl.arange(0, BLOCK)
     mask = e < numel
     t = tl.load(t_ptr + b)
-    row = coef_ptr + t * 5
+    row, valid = _row(coef_ptr, t_ptr + b, timesteps, 5)
     a, bb = tl.load(row), tl.load(row + 1)
     coef_x0, coef_xt, sigma = tl.load(row + 2), tl.load(row + 3), tl.load(row + 4)
     off = _element_offset(b, e, spatial, stride_b, stride_c, stride_s, CONTIGUOUS)
@@ -173,9 +186,9 @@ def _reverse_step_kernel(
         z = _normals(seed, start // 4, tl.load(sample_index_ptr + b).to(tl.uint32),
                      tl.load(counter2_ptr + b).to(tl.uint32), c3.to(tl.uint32), BLOCK)
         mean = mean + sigma * z.to(x.dtype)
-    tl.store(x_prev_ptr + off, mean, mask=mask)
+    tl.store(x_prev_ptr + off, tl.where(valid, mean, float("nan")), mask=mask)
     if WRITE_X0:
-        tl.store(x0_hat_ptr + off, x0, mask=mask)
+        tl.store(x0_hat_ptr + off, tl.where(valid, x0, float("nan")), mask=mask)
 
 
 # ---------------------------------------------------------------------------------------------------- launchers
@@ -197,7 +210,7 @@ def q_sample(x0: torch.Tensor, t: torch.Tensor, coef: torch.Tensor, noise: torch
         numel = x0.numel() // x0.shape[0]
         block = _block(numel)
         torch.library.wrap_triton(_q_sample_kernel)[_grid(x0.shape[0], numel, block)](
-            x0, noise, t.contiguous(), coef.contiguous(), x_t, numel, BLOCK=block, num_warps=_NUM_WARPS)
+            x0, noise, t.contiguous(), coef.contiguous(), x_t, coef.shape[0], numel, BLOCK=block, num_warps=_NUM_WARPS)
     return x_t
 
 
@@ -211,7 +224,8 @@ def q_sample_philox(x0: torch.Tensor, t: torch.Tensor, coef: torch.Tensor, sampl
         numel, spatial, stride_b, stride_c, stride_s = _layout(x0)
         block = _block(numel)
         torch.library.wrap_triton(_q_sample_philox_kernel)[_grid(x0.shape[0], numel, block)](
-            x0, t.contiguous(), coef.contiguous(), sample_index.contiguous(), counter2.contiguous(), x_t, eps, seed,
+            x0, t.contiguous(), coef.contiguous(), sample_index.contiguous(), counter2.contiguous(), x_t, eps,
+            coef.shape[0], seed,
             c3, numel, spatial, stride_b, stride_c, stride_s, CONTIGUOUS=x0.is_contiguous(), BLOCK=block,
             num_warps=_NUM_WARPS)
     return x_t, eps
@@ -263,6 +277,6 @@ def reverse_step(x_t: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, coef: to
         block = _block(numel)
         torch.library.wrap_triton(_reverse_step_kernel)[_grid(x_t.shape[0], numel, block)](
             x_t, eps, t.contiguous(), coef.contiguous(), sample_index.contiguous(), counter2.contiguous(), x_prev,
-            x0_hat if write_x0 else x_prev, seed, c3, numel, spatial, stride_b, stride_c, stride_s, CLIP=clip,
+            x0_hat if write_x0 else x_prev, coef.shape[0], seed, c3, numel, spatial, stride_b, stride_c, stride_s, CLIP=clip,
             WRITE_X0=write_x0, CONTIGUOUS=x_t.is_contiguous(), BLOCK=block, num_warps=_NUM_WARPS)
     return x_prev, x0_hat

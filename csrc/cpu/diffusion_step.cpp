@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <vector>
 
+#include "../common/tensor_checks.h"
 #include "ddpm_fast/diffusion_step.h"
 #include "philox_cpu.h"
 
@@ -20,59 +21,21 @@ namespace {
 constexpr int64_t kChunk = 1024;  // elements per work item; a multiple of 4, so each chunk starts on a counter
 constexpr int64_t kGrain = 16;    // work items per thread at least (~16k elements)
 
-// ------------------------------------------------------------------------------------------------ checks, layout
+// ------------------------------------------------------------------------------------------------ checks
 void check_floating(const at::Tensor& x, const char* op, const char* name) {
-  TORCH_CHECK(x.device().is_cpu(), op, ": ", name, " must be a CPU tensor here, got ", x.device());
-  const auto dtype = x.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16 || dtype == at::kHalf, op, ": ",
-              name, " must be float32, float64, bfloat16 or float16, got ", dtype);
-  TORCH_CHECK(x.dim() >= 1, op, ": ", name, " must have a batch dimension, got a 0-d tensor");
+  ddpm_fast::check_floating(x, at::kCPU, op, name);
 }
 
-void check_same_shape(const at::Tensor& x, const at::Tensor& y, const char* op, const char* xn, const char* yn) {
-  TORCH_CHECK(x.sizes() == y.sizes(), op, ": ", yn, " must have the shape of ", xn, " ", x.sizes(), ", got ",
-              y.sizes());
-}
-
-void check_batch_vector(const at::Tensor& v, int64_t batch, const char* op, const char* name) {
-  TORCH_CHECK(v.device().is_cpu(), op, ": ", name, " must be a CPU tensor here, got ", v.device());
-  TORCH_CHECK(v.scalar_type() == at::kLong, op, ": ", name, " must be int64, got ", v.scalar_type());
-  TORCH_CHECK(v.dim() == 1 && v.size(0) == batch, op, ": ", name, " must have shape (", batch, ",), got ", v.sizes());
-}
-
-at::ScalarType acc_dtype(at::ScalarType dtype) { return dtype == at::kDouble ? at::kDouble : at::kFloat; }
-
-// The coefficient table (T, cols) in the accumulation dtype, and t (B,) with every value a row of it.
-void check_table(const at::Tensor& coef, const at::Tensor& t, int64_t batch, int64_t cols, at::ScalarType acc,
+// The table, and t (B,) with every value a row of it (checked here: on the CPU that costs no sync).
+void check_table(const at::Tensor& coef, const at::Tensor& t, const at::Tensor& x, int64_t cols, at::ScalarType acc,
                  const char* op) {
-  TORCH_CHECK(coef.device().is_cpu(), op, ": coef must be a CPU tensor here, got ", coef.device());
-  TORCH_CHECK(coef.dim() == 2 && coef.size(1) == cols && coef.size(0) > 0, op, ": coef must have shape (T, ", cols,
-              "), got ", coef.sizes());
-  TORCH_CHECK(coef.scalar_type() == acc, op, ": coef must be ", acc, " for these inputs, got ", coef.scalar_type());
-  check_batch_vector(t, batch, op, "t");
+  ddpm_fast::check_table(coef, x, cols, acc, op);
+  check_batch_vector(t, x, op, "t");
   const at::Tensor tc = t.contiguous();
   const int64_t* tp = tc.data_ptr<int64_t>();
-  for (int64_t b = 0; b < batch; ++b)
+  for (int64_t b = 0; b < t.size(0); ++b)
     TORCH_CHECK(tp[b] >= 0 && tp[b] < coef.size(0), op, ": t[", b, "] = ", tp[b], " is outside [0, ", coef.size(0),
                 ")");
-}
-
-bool is_channels_last(const at::Tensor& x) {
-  return x.dim() == 4 && !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
-}
-
-// The layout the kernels run in: x's own if it is contiguous or channels_last, else a contiguous copy.
-at::Tensor runnable(const at::Tensor& x) { return x.is_contiguous() || is_channels_last(x) ? x : x.contiguous(); }
-
-// `other` in the layout of `primary` (copied only when they differ).
-at::Tensor like(const at::Tensor& other, const at::Tensor& primary) {
-  return is_channels_last(primary) ? other.contiguous(at::MemoryFormat::ChannelsLast) : other.contiguous();
-}
-
-SampleLayout layout_of(const at::Tensor& x) {
-  const int64_t numel = x.numel() / x.size(0);
-  if (is_channels_last(x)) return {numel, x.size(2) * x.size(3), x.stride(0), 1, x.size(1)};
-  return {numel, numel, numel, 0, 1};
 }
 
 // body(b, e0, count) over every chunk of every sample, in parallel.
@@ -105,7 +68,7 @@ at::Tensor q_sample_cpu(const at::Tensor& x0_in, const at::Tensor& t, const at::
               x0_in.scalar_type(), ", got ", noise_in.scalar_type());
   const int64_t batch = x0_in.size(0);
   const at::ScalarType acc = acc_dtype(x0_in.scalar_type());
-  check_table(coef, t, batch, kQSampleCoefs, acc, op);
+  check_table(coef, t, x0_in, kQSampleCoefs, acc, op);
   const at::Tensor x0 = runnable(x0_in), noise = like(noise_in, x0);
   at::Tensor x_t = at::empty_like(x0, x0.options().dtype(acc));
   if (x0.numel() == 0) return x_t;
@@ -138,9 +101,9 @@ std::tuple<at::Tensor, at::Tensor> q_sample_philox_cpu(const at::Tensor& x0_in, 
   check_floating(x0_in, op, "x0");
   const int64_t batch = x0_in.size(0);
   const at::ScalarType acc = acc_dtype(x0_in.scalar_type());
-  check_table(coef, t, batch, kQSampleCoefs, acc, op);
-  check_batch_vector(sample_index, batch, op, "sample_index");
-  check_batch_vector(counter2, batch, op, "counter2");
+  check_table(coef, t, x0_in, kQSampleCoefs, acc, op);
+  check_batch_vector(sample_index, x0_in, op, "sample_index");
+  check_batch_vector(counter2, x0_in, op, "counter2");
   const at::Tensor x0 = runnable(x0_in);
   at::Tensor x_t = at::empty_like(x0, x0.options().dtype(acc));
   at::Tensor eps = at::empty_like(x0, x0.options().dtype(acc));
@@ -281,9 +244,9 @@ std::tuple<at::Tensor, at::Tensor> reverse_step_cpu(const at::Tensor& x_t_in, co
   check_floating(eps_in, op, "eps");
   check_same_shape(x_t_in, eps_in, op, "x_t", "eps");
   const int64_t batch = x_t_in.size(0);
-  check_table(coef, t, batch, kStepCoefs, x_t_in.scalar_type(), op);
-  check_batch_vector(sample_index, batch, op, "sample_index");
-  check_batch_vector(counter2, batch, op, "counter2");
+  check_table(coef, t, x_t_in, kStepCoefs, x_t_in.scalar_type(), op);
+  check_batch_vector(sample_index, x_t_in, op, "sample_index");
+  check_batch_vector(counter2, x_t_in, op, "counter2");
   const at::Tensor x_t = runnable(x_t_in), eps = like(eps_in, x_t);
   at::Tensor x_prev = at::empty_like(x_t);
   at::Tensor x0_hat = write_x0 ? at::empty_like(x_t) : at::empty({0}, x_t.options());

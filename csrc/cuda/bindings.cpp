@@ -1,11 +1,13 @@
 // Registers the CUDA kernels of csrc/cuda/*.cu as the CUDA implementations of the ddpm_fast ops.
-// Only this file sees torch; the kernels take pointers, sizes and a stream.
+// Only this file sees torch; the kernels take pointers, sizes and a stream. A t outside the table gives NaN there
+// (checking it here would sync the host); the Python layer checks t where it is public.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "../common/tensor_checks.h"
 #include "launchers.h"
 
 namespace ddpm_fast {
@@ -48,11 +50,144 @@ at::Tensor philox_normal_cuda(const at::Tensor& sample_index, const at::Tensor& 
   return out;
 }
 
+
+cuda::DType dtype_of(const at::Tensor& x) {
+  switch (x.scalar_type()) {
+    case at::kFloat: return cuda::DType::kFloat32;
+    case at::kBFloat16: return cuda::DType::kBFloat16;
+    case at::kHalf: return cuda::DType::kFloat16;
+    default: TORCH_CHECK(false, "ddpm_fast: no CUDA kernel for dtype ", x.scalar_type());
+  }
+}
+
+void check_cuda_floating(const at::Tensor& x, const char* op, const char* name) {
+  check_floating(x, at::kCUDA, op, name);
+}
+
+at::Tensor q_sample_cuda(const at::Tensor& x0_in, const at::Tensor& t, const at::Tensor& coef,
+                         const at::Tensor& noise_in) {
+  const char* op = "q_sample";
+  check_cuda_floating(x0_in, op, "x0");
+  check_cuda_floating(noise_in, op, "noise");
+  check_same_shape(x0_in, noise_in, op, "x0", "noise");
+  TORCH_CHECK(noise_in.scalar_type() == x0_in.scalar_type(), op, ": noise must have x0's dtype ",
+              x0_in.scalar_type(), ", got ", noise_in.scalar_type());
+  check_table(coef, x0_in, kQSampleCoefs, at::kFloat, op);
+  check_batch_vector(t, x0_in, op, "t");
+  const c10::cuda::CUDAGuard guard(x0_in.device());
+  const at::Tensor x0 = runnable(x0_in), noise = like(noise_in, x0);
+  at::Tensor x_t = at::empty_like(x0, x0.options().dtype(at::kFloat));
+  if (x0.numel() == 0) return x_t;
+  const at::Tensor table = coef.contiguous(), tc = t.contiguous();
+  C10_CUDA_CHECK(cuda::q_sample(dtype_of(x0), x0.data_ptr(), noise.data_ptr(), tc.data_ptr<int64_t>(),
+                                table.data_ptr<float>(), table.size(0), x_t.data_ptr<float>(), x0.size(0),
+                                x0.numel() / x0.size(0), c10::cuda::getCurrentCUDAStream()));
+  return x_t;
+}
+
+std::tuple<at::Tensor, at::Tensor> q_sample_philox_cuda(const at::Tensor& x0_in, const at::Tensor& t,
+                                                        const at::Tensor& coef, const at::Tensor& sample_index,
+                                                        const at::Tensor& counter2, int64_t seed, int64_t c3) {
+  const char* op = "q_sample_philox";
+  check_cuda_floating(x0_in, op, "x0");
+  check_table(coef, x0_in, kQSampleCoefs, at::kFloat, op);
+  check_batch_vector(t, x0_in, op, "t");
+  check_batch_vector(sample_index, x0_in, op, "sample_index");
+  check_batch_vector(counter2, x0_in, op, "counter2");
+  const c10::cuda::CUDAGuard guard(x0_in.device());
+  const at::Tensor x0 = runnable(x0_in);
+  at::Tensor x_t = at::empty_like(x0, x0.options().dtype(at::kFloat));
+  at::Tensor eps = at::empty_like(x_t);
+  if (x0.numel() == 0) return {x_t, eps};
+  const at::Tensor table = coef.contiguous(), tc = t.contiguous();
+  const at::Tensor c1 = sample_index.contiguous(), c2 = counter2.contiguous();
+  C10_CUDA_CHECK(cuda::q_sample_philox(dtype_of(x0), x0.data_ptr(), tc.data_ptr<int64_t>(), table.data_ptr<float>(),
+                                       table.size(0), c1.data_ptr<int64_t>(), c2.data_ptr<int64_t>(),
+                                       x_t.data_ptr<float>(), eps.data_ptr<float>(), x0.size(0), layout_of(x0),
+                                       static_cast<uint64_t>(seed), static_cast<uint32_t>(c3),
+                                       c10::cuda::getCurrentCUDAStream()));
+  return {x_t, eps};
+}
+
+at::Tensor simple_loss_cuda(const at::Tensor& eps_pred_in, const at::Tensor& eps_in) {
+  const char* op = "simple_loss";
+  check_cuda_floating(eps_pred_in, op, "eps_pred");
+  check_cuda_floating(eps_in, op, "eps");
+  check_same_shape(eps_pred_in, eps_in, op, "eps_pred", "eps");
+  const int64_t batch = eps_pred_in.size(0);
+  const int64_t numel = batch ? eps_pred_in.numel() / batch : 0;
+  TORCH_CHECK(batch == 0 || numel > 0, op, ": samples must have at least one element, got shape ",
+              eps_pred_in.sizes());
+  const c10::cuda::CUDAGuard guard(eps_pred_in.device());
+  if (batch == 0) return at::empty({0}, eps_pred_in.options().dtype(at::kFloat));
+  const at::Tensor eps_pred = runnable(eps_pred_in), eps = like(eps_in, eps_pred);
+  at::Tensor partial = at::empty({batch, cuda::simple_loss_chunks(numel)}, eps_pred.options().dtype(at::kFloat));
+  C10_CUDA_CHECK(cuda::simple_loss_partial(dtype_of(eps_pred), eps_pred.data_ptr(), dtype_of(eps), eps.data_ptr(),
+                                           partial.data_ptr<float>(), batch, numel,
+                                           c10::cuda::getCurrentCUDAStream()));
+  return partial.sum(1).div_(static_cast<double>(numel));  // a fixed-order reduction: deterministic
+}
+
+at::Tensor simple_loss_backward_cuda(const at::Tensor& grad, const at::Tensor& eps_pred_in, const at::Tensor& eps_in) {
+  const char* op = "simple_loss_backward";
+  check_cuda_floating(eps_pred_in, op, "eps_pred");
+  check_cuda_floating(eps_in, op, "eps");
+  check_same_shape(eps_pred_in, eps_in, op, "eps_pred", "eps");
+  check_device(grad, at::kCUDA, op, "grad");
+  TORCH_CHECK(grad.scalar_type() == at::kFloat && grad.dim() == 1 && grad.size(0) == eps_pred_in.size(0), op,
+              ": grad must be float32 of shape (", eps_pred_in.size(0), ",), got ", grad.scalar_type(), " ",
+              grad.sizes());
+  const c10::cuda::CUDAGuard guard(eps_pred_in.device());
+  const at::Tensor eps_pred = runnable(eps_pred_in), eps = like(eps_in, eps_pred);
+  at::Tensor grad_pred = at::empty_like(eps_pred);
+  if (eps_pred.numel() == 0) return grad_pred;
+  const at::Tensor gc = grad.contiguous();
+  C10_CUDA_CHECK(cuda::simple_loss_backward(dtype_of(eps_pred), eps_pred.data_ptr(), dtype_of(eps), eps.data_ptr(),
+                                            gc.data_ptr<float>(), grad_pred.data_ptr(), eps_pred.size(0),
+                                            eps_pred.numel() / eps_pred.size(0), c10::cuda::getCurrentCUDAStream()));
+  return grad_pred;
+}
+
+std::tuple<at::Tensor, at::Tensor> reverse_step_cuda(const at::Tensor& x_t_in, const at::Tensor& eps_in,
+                                                     const at::Tensor& t, const at::Tensor& coef,
+                                                     const at::Tensor& sample_index, const at::Tensor& counter2,
+                                                     int64_t seed, int64_t c3, bool clip, bool write_x0) {
+  const char* op = "reverse_step";
+  check_cuda_floating(x_t_in, op, "x_t");
+  TORCH_CHECK(x_t_in.scalar_type() == at::kFloat, op, ": x_t (the sampler's state) must be float32 on CUDA, got ",
+              x_t_in.scalar_type());
+  check_cuda_floating(eps_in, op, "eps");
+  check_same_shape(x_t_in, eps_in, op, "x_t", "eps");
+  check_table(coef, x_t_in, kStepCoefs, at::kFloat, op);
+  check_batch_vector(t, x_t_in, op, "t");
+  check_batch_vector(sample_index, x_t_in, op, "sample_index");
+  check_batch_vector(counter2, x_t_in, op, "counter2");
+  const c10::cuda::CUDAGuard guard(x_t_in.device());
+  const at::Tensor x_t = runnable(x_t_in), eps = like(eps_in, x_t);
+  at::Tensor x_prev = at::empty_like(x_t);
+  at::Tensor x0_hat = write_x0 ? at::empty_like(x_t) : at::empty({0}, x_t.options());
+  if (x_t.numel() == 0) return {x_prev, x0_hat};
+  const at::Tensor table = coef.contiguous(), tc = t.contiguous();
+  const at::Tensor c1 = sample_index.contiguous(), c2 = counter2.contiguous();
+  C10_CUDA_CHECK(cuda::reverse_step(dtype_of(eps), x_t.data_ptr<float>(), eps.data_ptr(), tc.data_ptr<int64_t>(),
+                                    table.data_ptr<float>(), table.size(0), c1.data_ptr<int64_t>(),
+                                    c2.data_ptr<int64_t>(), x_prev.data_ptr<float>(),
+                                    write_x0 ? x0_hat.data_ptr<float>() : nullptr, x_t.size(0), layout_of(x_t),
+                                    static_cast<uint64_t>(seed), static_cast<uint32_t>(c3), clip,
+                                    c10::cuda::getCurrentCUDAStream()));
+  return {x_prev, x0_hat};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(ddpm_fast, CUDA, m) {
   m.impl("philox", &philox_cuda);
   m.impl("philox_normal", &philox_normal_cuda);
+  m.impl("q_sample", &q_sample_cuda);
+  m.impl("q_sample_philox", &q_sample_philox_cuda);
+  m.impl("simple_loss", &simple_loss_cuda);
+  m.impl("simple_loss_backward", &simple_loss_backward_cuda);
+  m.impl("reverse_step", &reverse_step_cuda);
 }
 
 }  // namespace ddpm_fast

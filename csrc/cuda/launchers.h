@@ -4,8 +4,13 @@
 #include <cstdint>
 #include <cuda_runtime.h>
 
+#include "ddpm_fast/diffusion_step.h"
+
 namespace ddpm_fast {
 namespace cuda {
+
+// Element types of the data inputs (the state, tables and outputs of the forward ops are float32 on the GPU).
+enum class DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
 
 // words[4 * i + j] = Philox4x32-10(counter[4 * i .. 4 * i + 3], seed)[j]; counter words hold uint32 values.
 cudaError_t philox(const int64_t* counter, int64_t* words, int64_t n, uint64_t seed, cudaStream_t stream);
@@ -13,6 +18,27 @@ cudaError_t philox(const int64_t* counter, int64_t* words, int64_t n, uint64_t s
 // out[b * numel + e] = normal e of sample b (DESIGN.md layout): counter (e / 4, sample_index[b], counter2[b], c3).
 cudaError_t philox_normal(const int64_t* sample_index, const int64_t* counter2, float* out, int64_t batch,
                           int64_t numel, uint64_t seed, uint32_t c3, cudaStream_t stream);
+
+// The fused diffusion ops (csrc/ops.cpp has the schemas). coef rows are float32, `timesteps` rows; a t outside
+// [0, timesteps) writes NaN (the host cannot check t without a sync). Samples are `numel`-element spans at
+// b * numel for the memory-order ops; the Philox ops index through `layout` in logical order.
+cudaError_t q_sample(DType dtype, const void* x0, const void* noise, const int64_t* t, const float* coef,
+                     int64_t timesteps, float* x_t, int64_t batch, int64_t numel, cudaStream_t stream);
+cudaError_t q_sample_philox(DType dtype, const void* x0, const int64_t* t, const float* coef, int64_t timesteps,
+                            const int64_t* sample_index, const int64_t* counter2, float* x_t, float* eps,
+                            int64_t batch, SampleLayout layout, uint64_t seed, uint32_t c3, cudaStream_t stream);
+// partial[b * chunks + c] = sum over chunk c of sample b of (eps_pred - eps)^2, chunks = simple_loss_chunks(numel).
+int64_t simple_loss_chunks(int64_t numel);
+cudaError_t simple_loss_partial(DType pred_dtype, const void* eps_pred, DType eps_dtype, const void* eps,
+                                float* partial, int64_t batch, int64_t numel, cudaStream_t stream);
+cudaError_t simple_loss_backward(DType pred_dtype, const void* eps_pred, DType eps_dtype, const void* eps,
+                                 const float* grad, void* grad_pred, int64_t batch, int64_t numel,
+                                 cudaStream_t stream);
+// x0_hat may be null (not written).
+cudaError_t reverse_step(DType eps_dtype, const float* x_t, const void* eps, const int64_t* t, const float* coef,
+                         int64_t timesteps, const int64_t* sample_index, const int64_t* counter2, float* x_prev,
+                         float* x0_hat, int64_t batch, SampleLayout layout, uint64_t seed, uint32_t c3, bool clip,
+                         cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace ddpm_fast

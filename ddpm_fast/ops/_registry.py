@@ -123,9 +123,13 @@ def use_backend(name: str):
         _forced.reset(token)
 
 
+@torch.compiler.assume_constant_result
 def choose(op: str, device: torch.device, implemented: Sequence[str], backend: str | None = None,
            order: dict[str, Sequence[str]] | None = None) -> str:
-    """The backend that runs `op` on `device`, given the backends the op implements."""
+    """The backend that runs `op` on `device`, given the backends the op implements.
+
+    Under torch.compile the choice is made once, while tracing (it reads the environment and imports _C, which
+    Dynamo cannot trace), and is baked into the graph: change use_backend() outside a compiled region."""
     if backend is not None:
         requested, where = _check_name(backend, "backend= argument"), "backend= argument"
     elif _forced.get() is not None:

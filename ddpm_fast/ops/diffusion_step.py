@@ -29,8 +29,9 @@ def _per_sample(values: torch.Tensor, like_x: torch.Tensor) -> torch.Tensor:
 
 
 def _reference_noise(x: torch.Tensor, sample_index, counter2, seed: int, c3: int) -> torch.Tensor:
-    numel = x.numel() // x.shape[0]
-    return philox_normal_reference(sample_index, counter2, seed, c3, numel).view(x.shape)
+    if x.numel() == 0:
+        return torch.empty_like(x, dtype=torch.float32)
+    return philox_normal_reference(sample_index, counter2, seed, c3, x.numel() // x.shape[0]).view(x.shape)
 
 
 def q_sample_reference(x0, t, coef, noise):
@@ -109,7 +110,8 @@ def _triton() -> dict:
 
 
 def _cpp() -> dict:
-    ops = _registry.cpp_ops()
+    # only called once choose() picked "cpp", so _C is loaded; no availability check here, which Dynamo cannot trace
+    ops = torch.ops.ddpm_fast
     return {name: getattr(ops, name) for name in
             ("q_sample", "q_sample_philox", "simple_loss", "simple_loss_backward", "reverse_step")}
 
