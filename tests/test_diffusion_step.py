@@ -470,3 +470,67 @@ def test_ddim_sampler(diffusion):
     assert relative_error(a, x.clamp(-1, 1)) < 1e-5
     noisy = ddpm_fast.sample(model, 2, shape=(1, 4, 4), sampler="ddim", steps=10, eta=1.0, seed=1, progress=False)
     assert not torch.allclose(noisy, a)
+
+
+# ---------------------------------------------------------------------------------------------------- on a GPU
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1), (3, 7, 5, 9), (64, 3, 32, 32)], ids=str)
+def test_every_op_on_cuda_equals_the_cpu_reference(backend, dtype, shape, diffusion, poisoned):
+    """CUDA (cpp) and Triton kernels on CUDA tensors against the float64 reference computed on the CPU; the GPU's
+    log/sin/cos/sqrt put the noise ~1 ulp off, hence 1e-5 on the noise."""
+    cuda = torch.device("cuda")
+    x = data(shape, dtype, 200)
+    eps_in = data(shape, dtype, 201)
+    t = mixed_t(shape[0], torch.Generator().manual_seed(202))
+    index, counter2 = keys(shape[0])
+    q64 = diffusion._on(torch.device("cpu"), torch.float64)["q_sample"]
+    q = diffusion._on(cuda, torch.float32)["q_sample"]
+    on = {name: v.to(cuda) for name, v in dict(x=x, eps=eps_in, t=t, index=index, counter2=counter2).items()}
+    stream = philox.randn(index, counter2, shape[1:], seed=11, stream=philox.STREAM_TRAIN_EPS, backend="reference")
+    for layout, xx in layouts(on["x"]):
+        x_t, eps = ds.q_sample_philox(xx, on["t"], q, on["index"], on["counter2"], seed=11, backend=backend)
+        assert (eps.cpu().double() - stream.double()).abs().max() < 1e-5, layout
+        assert relative_error(x_t.cpu(), ds.q_sample_reference(x.double(), t, q64, stream.double())) < 1e-5, layout
+        out = ds.q_sample(xx, on["t"], q, on["eps"], backend=backend)
+        assert relative_error(out.cpu(), ds.q_sample_reference(x.double(), t, q64, eps_in.double())) < 1e-5, layout
+        pred = xx.detach().clone().requires_grad_()
+        loss = ds.simple_loss(pred, on["eps"], backend=backend)
+        assert relative_error(loss.cpu(), ds.simple_loss_reference(x.double(), eps_in.double())) < 1e-5, layout
+        loss.sum().backward()
+        expected_grad = 2.0 * (x.double() - eps_in.double()) / x[0].numel()
+        assert relative_error(pred.grad.cpu(), expected_grad) < (1e-5 if dtype == torch.float32 else 1e-2), layout
+        table64 = diffusion.step_table("cpu", torch.float64)
+        state = xx.float()
+        x_prev, x0_hat = ds.reverse_step(state, on["eps"], on["t"], diffusion.step_table(cuda), on["index"],
+                                         on["counter2"], seed=11, write_x0=True, backend=backend)
+        ref, ref_x0 = ds.reverse_step_reference(x.double(), eps_in.double(), t, table64, index, counter2, 11,
+                                                philox.STREAM_REVERSE, True, True)
+        assert relative_error(x_prev.cpu(), ref) < 1e-5 and relative_error(x0_hat.cpu(), ref_x0) < 1e-5, layout
+
+
+@pytest.mark.gpu
+def test_opcheck_and_compile_on_cuda(diffusion):
+    """opcheck of the CUDA (cpp) ops and the Triton ops on CUDA tensors, and torch.compile(fullgraph=True) of the
+    Triton ops equal to eager (on CPU tensors the interpreter cannot run under compile)."""
+    cuda = torch.device("cuda")
+    samples = {name: tuple(a.to(cuda) if isinstance(a, torch.Tensor) else a for a in args)
+               for name, args in cpp_op_samples(diffusion).items()}
+    ds._triton()
+    for name, args in samples.items():
+        torch.library.opcheck(getattr(torch.ops.ddpm_fast, name).default, args)
+        torch.library.opcheck(getattr(torch.ops.ddpm_fast, name + "_triton").default, args)
+    q = diffusion._on(cuda, torch.float32)["q_sample"]
+    table = diffusion.step_table(cuda)
+
+    def both(x0, eps_pred, t, index):
+        x_t, eps = ds.q_sample_philox(x0, t, q, index, index, seed=3, backend="triton")
+        loss = ds.simple_loss(eps_pred, eps, backend="triton")
+        x_prev, _ = ds.reverse_step(x_t, eps_pred, t, table, index, t, seed=3, backend="triton")
+        return loss, x_prev
+
+    x0, eps_pred = data((3, 2, 4, 4), torch.float32, 210).to(cuda), data((3, 2, 4, 4), torch.float32, 211).to(cuda)
+    t, index = torch.tensor([0, 5, 999], device=cuda), torch.arange(3, device=cuda)
+    for eager, fused in zip(both(x0, eps_pred, t, index), torch.compile(both, fullgraph=True)(x0, eps_pred, t, index)):
+        assert torch.allclose(eager, fused, atol=1e-6)

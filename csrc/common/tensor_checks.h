@@ -49,6 +49,61 @@ inline void check_table(const at::Tensor& coef, const at::Tensor& x, int64_t col
   TORCH_CHECK(coef.scalar_type() == acc, op, ": coef must be ", acc, " for these inputs, got ", coef.scalar_type());
 }
 
+// ---- the inputs of each op, checked alike on every device (`device`: where the kernels run)
+
+// q_sample / q_sample_philox: x0, t (B,), the (T, 2) table in the accumulation dtype; noise (if defined) like x0.
+inline void check_q_sample(const at::Tensor& x0, const at::Tensor& t, const at::Tensor& coef, const at::Tensor& noise,
+                           at::DeviceType device, const char* op) {
+  check_floating(x0, device, op, "x0");
+  if (noise.defined()) {
+    check_floating(noise, device, op, "noise");
+    check_same_shape(x0, noise, op, "x0", "noise");
+    TORCH_CHECK(noise.scalar_type() == x0.scalar_type(), op, ": noise must have x0's dtype ", x0.scalar_type(),
+                ", got ", noise.scalar_type());
+  }
+  check_table(coef, x0, kQSampleCoefs, acc_dtype(x0.scalar_type()), op);
+  check_batch_vector(t, x0, op, "t");
+}
+
+// simple_loss and its backward: eps_pred and eps of one shape (dtypes may differ); grad (if defined) (B,) in the
+// accumulation dtype.
+inline void check_simple_loss(const at::Tensor& eps_pred, const at::Tensor& eps, const at::Tensor& grad,
+                              at::DeviceType device, const char* op) {
+  check_floating(eps_pred, device, op, "eps_pred");
+  check_floating(eps, device, op, "eps");
+  check_same_shape(eps_pred, eps, op, "eps_pred", "eps");
+  const int64_t batch = eps_pred.size(0);
+  TORCH_CHECK(batch == 0 || eps_pred.numel() > 0, op, ": samples must have at least one element, got shape ",
+              eps_pred.sizes());
+  if (grad.defined()) {
+    const at::ScalarType acc = acc_dtype(eps_pred.scalar_type());
+    TORCH_CHECK(grad.device() == eps_pred.device() && grad.scalar_type() == acc && grad.dim() == 1 &&
+                    grad.size(0) == batch,
+                op, ": grad must be a ", acc, " tensor of shape (", batch, ",) on ", eps_pred.device(), ", got ",
+                grad.scalar_type(), " ", grad.sizes(), " on ", grad.device());
+  }
+}
+
+// reverse_step: the state x_t (float32; float64 on the CPU), eps like it in any float dtype, the (T, 5) table in
+// x_t's dtype, and the per-sample t and counter words.
+inline void check_reverse_step(const at::Tensor& x_t, const at::Tensor& eps, const at::Tensor& t,
+                               const at::Tensor& coef, const at::Tensor& sample_index, const at::Tensor& counter2,
+                               at::DeviceType device, const char* op) {
+  check_floating(x_t, device, op, "x_t");
+  const auto dtype = x_t.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || (device == at::kCPU && dtype == at::kDouble), op,
+              ": x_t (the sampler's state) must be float32", device == at::kCPU ? " or float64" : "", ", got ",
+              dtype);
+  check_floating(eps, device, op, "eps");
+  check_same_shape(x_t, eps, op, "x_t", "eps");
+  check_table(coef, x_t, kStepCoefs, dtype, op);
+  check_batch_vector(t, x_t, op, "t");
+  check_batch_vector(sample_index, x_t, op, "sample_index");
+  check_batch_vector(counter2, x_t, op, "counter2");
+}
+
+// ---- layouts
+
 inline bool is_channels_last(const at::Tensor& x) {
   return x.dim() == 4 && !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
 }

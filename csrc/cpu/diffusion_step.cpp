@@ -22,15 +22,8 @@ constexpr int64_t kChunk = 1024;  // elements per work item; a multiple of 4, so
 constexpr int64_t kGrain = 16;    // work items per thread at least (~16k elements)
 
 // ------------------------------------------------------------------------------------------------ checks
-void check_floating(const at::Tensor& x, const char* op, const char* name) {
-  ddpm_fast::check_floating(x, at::kCPU, op, name);
-}
-
-// The table, and t (B,) with every value a row of it (checked here: on the CPU that costs no sync).
-void check_table(const at::Tensor& coef, const at::Tensor& t, const at::Tensor& x, int64_t cols, at::ScalarType acc,
-                 const char* op) {
-  ddpm_fast::check_table(coef, x, cols, acc, op);
-  check_batch_vector(t, x, op, "t");
+// Every t a row of the table (checked here: on the CPU that costs no sync; the GPU kernels write NaN instead).
+void check_rows(const at::Tensor& coef, const at::Tensor& t, const char* op) {
   const at::Tensor tc = t.contiguous();
   const int64_t* tp = tc.data_ptr<int64_t>();
   for (int64_t b = 0; b < t.size(0); ++b)
@@ -61,14 +54,10 @@ void draw(float* z, uint64_t seed, int64_t e0, int64_t count, int64_t c1, int64_
 at::Tensor q_sample_cpu(const at::Tensor& x0_in, const at::Tensor& t, const at::Tensor& coef,
                         const at::Tensor& noise_in) {
   const char* op = "q_sample";
-  check_floating(x0_in, op, "x0");
-  check_floating(noise_in, op, "noise");
-  check_same_shape(x0_in, noise_in, op, "x0", "noise");
-  TORCH_CHECK(noise_in.scalar_type() == x0_in.scalar_type(), op, ": noise must have x0's dtype ",
-              x0_in.scalar_type(), ", got ", noise_in.scalar_type());
+  check_q_sample(x0_in, t, coef, noise_in, at::kCPU, op);
+  check_rows(coef, t, op);
   const int64_t batch = x0_in.size(0);
   const at::ScalarType acc = acc_dtype(x0_in.scalar_type());
-  check_table(coef, t, x0_in, kQSampleCoefs, acc, op);
   const at::Tensor x0 = runnable(x0_in), noise = like(noise_in, x0);
   at::Tensor x_t = at::empty_like(x0, x0.options().dtype(acc));
   if (x0.numel() == 0) return x_t;
@@ -98,12 +87,12 @@ std::tuple<at::Tensor, at::Tensor> q_sample_philox_cpu(const at::Tensor& x0_in, 
                                                        const at::Tensor& coef, const at::Tensor& sample_index,
                                                        const at::Tensor& counter2, int64_t seed, int64_t c3) {
   const char* op = "q_sample_philox";
-  check_floating(x0_in, op, "x0");
-  const int64_t batch = x0_in.size(0);
-  const at::ScalarType acc = acc_dtype(x0_in.scalar_type());
-  check_table(coef, t, x0_in, kQSampleCoefs, acc, op);
+  check_q_sample(x0_in, t, coef, at::Tensor(), at::kCPU, op);
   check_batch_vector(sample_index, x0_in, op, "sample_index");
   check_batch_vector(counter2, x0_in, op, "counter2");
+  check_rows(coef, t, op);
+  const int64_t batch = x0_in.size(0);
+  const at::ScalarType acc = acc_dtype(x0_in.scalar_type());
   const at::Tensor x0 = runnable(x0_in);
   at::Tensor x_t = at::empty_like(x0, x0.options().dtype(acc));
   at::Tensor eps = at::empty_like(x0, x0.options().dtype(acc));
@@ -146,15 +135,11 @@ std::tuple<at::Tensor, at::Tensor> q_sample_philox_cpu(const at::Tensor& x0_in, 
 // loss[b] = mean over the sample of (eps_pred - eps)^2: per-chunk partial sums in double, added in a fixed order
 // (deterministic, no atomics).
 at::Tensor simple_loss_cpu(const at::Tensor& eps_pred_in, const at::Tensor& eps_in) {
-  const char* op = "simple_loss";
-  check_floating(eps_pred_in, op, "eps_pred");
-  check_floating(eps_in, op, "eps");
-  check_same_shape(eps_pred_in, eps_in, op, "eps_pred", "eps");
+  check_simple_loss(eps_pred_in, eps_in, at::Tensor(), at::kCPU, "simple_loss");
   const int64_t batch = eps_pred_in.size(0);
   const at::ScalarType acc = acc_dtype(eps_pred_in.scalar_type());
   const at::Tensor eps_pred = runnable(eps_pred_in), eps = like(eps_in, eps_pred);
   const int64_t numel = batch ? eps_pred.numel() / batch : 0;
-  TORCH_CHECK(batch == 0 || numel > 0, op, ": samples must have at least one element, got shape ", eps_pred.sizes());
   at::Tensor loss = at::empty({batch}, eps_pred.options().dtype(acc));
   if (batch == 0) return loss;
   const int64_t chunks = (numel + kChunk - 1) / kChunk;
@@ -196,15 +181,8 @@ at::Tensor simple_loss_cpu(const at::Tensor& eps_pred_in, const at::Tensor& eps_
 
 // grad_eps_pred = grad[b] * 2 / numel * (eps_pred - eps), in eps_pred's dtype and layout.
 at::Tensor simple_loss_backward_cpu(const at::Tensor& grad, const at::Tensor& eps_pred_in, const at::Tensor& eps_in) {
-  const char* op = "simple_loss_backward";
-  check_floating(eps_pred_in, op, "eps_pred");
-  check_floating(eps_in, op, "eps");
-  check_same_shape(eps_pred_in, eps_in, op, "eps_pred", "eps");
+  check_simple_loss(eps_pred_in, eps_in, grad, at::kCPU, "simple_loss_backward");
   const int64_t batch = eps_pred_in.size(0);
-  const at::ScalarType acc = acc_dtype(eps_pred_in.scalar_type());
-  TORCH_CHECK(grad.device().is_cpu() && grad.scalar_type() == acc && grad.dim() == 1 && grad.size(0) == batch, op,
-              ": grad must be a CPU ", acc, " tensor of shape (", batch, ",), got ", grad.scalar_type(), " ",
-              grad.sizes(), " on ", grad.device());
   const at::Tensor eps_pred = runnable(eps_pred_in), eps = like(eps_in, eps_pred);
   at::Tensor grad_pred = at::empty_like(eps_pred);
   if (eps_pred.numel() == 0) return grad_pred;
@@ -238,15 +216,9 @@ std::tuple<at::Tensor, at::Tensor> reverse_step_cpu(const at::Tensor& x_t_in, co
                                                     const at::Tensor& sample_index, const at::Tensor& counter2,
                                                     int64_t seed, int64_t c3, bool clip, bool write_x0) {
   const char* op = "reverse_step";
-  check_floating(x_t_in, op, "x_t");
-  TORCH_CHECK(x_t_in.scalar_type() == at::kFloat || x_t_in.scalar_type() == at::kDouble, op,
-              ": x_t (the sampler's state) must be float32 or float64, got ", x_t_in.scalar_type());
-  check_floating(eps_in, op, "eps");
-  check_same_shape(x_t_in, eps_in, op, "x_t", "eps");
+  check_reverse_step(x_t_in, eps_in, t, coef, sample_index, counter2, at::kCPU, op);
+  check_rows(coef, t, op);
   const int64_t batch = x_t_in.size(0);
-  check_table(coef, t, x_t_in, kStepCoefs, x_t_in.scalar_type(), op);
-  check_batch_vector(sample_index, x_t_in, op, "sample_index");
-  check_batch_vector(counter2, x_t_in, op, "counter2");
   const at::Tensor x_t = runnable(x_t_in), eps = like(eps_in, x_t);
   at::Tensor x_prev = at::empty_like(x_t);
   at::Tensor x0_hat = write_x0 ? at::empty_like(x_t) : at::empty({0}, x_t.options());

@@ -60,20 +60,9 @@ cuda::DType dtype_of(const at::Tensor& x) {
   }
 }
 
-void check_cuda_floating(const at::Tensor& x, const char* op, const char* name) {
-  check_floating(x, at::kCUDA, op, name);
-}
-
 at::Tensor q_sample_cuda(const at::Tensor& x0_in, const at::Tensor& t, const at::Tensor& coef,
                          const at::Tensor& noise_in) {
-  const char* op = "q_sample";
-  check_cuda_floating(x0_in, op, "x0");
-  check_cuda_floating(noise_in, op, "noise");
-  check_same_shape(x0_in, noise_in, op, "x0", "noise");
-  TORCH_CHECK(noise_in.scalar_type() == x0_in.scalar_type(), op, ": noise must have x0's dtype ",
-              x0_in.scalar_type(), ", got ", noise_in.scalar_type());
-  check_table(coef, x0_in, kQSampleCoefs, at::kFloat, op);
-  check_batch_vector(t, x0_in, op, "t");
+  check_q_sample(x0_in, t, coef, noise_in, at::kCUDA, "q_sample");
   const c10::cuda::CUDAGuard guard(x0_in.device());
   const at::Tensor x0 = runnable(x0_in), noise = like(noise_in, x0);
   at::Tensor x_t = at::empty_like(x0, x0.options().dtype(at::kFloat));
@@ -89,9 +78,7 @@ std::tuple<at::Tensor, at::Tensor> q_sample_philox_cuda(const at::Tensor& x0_in,
                                                         const at::Tensor& coef, const at::Tensor& sample_index,
                                                         const at::Tensor& counter2, int64_t seed, int64_t c3) {
   const char* op = "q_sample_philox";
-  check_cuda_floating(x0_in, op, "x0");
-  check_table(coef, x0_in, kQSampleCoefs, at::kFloat, op);
-  check_batch_vector(t, x0_in, op, "t");
+  check_q_sample(x0_in, t, coef, at::Tensor(), at::kCUDA, op);
   check_batch_vector(sample_index, x0_in, op, "sample_index");
   check_batch_vector(counter2, x0_in, op, "counter2");
   const c10::cuda::CUDAGuard guard(x0_in.device());
@@ -110,14 +97,9 @@ std::tuple<at::Tensor, at::Tensor> q_sample_philox_cuda(const at::Tensor& x0_in,
 }
 
 at::Tensor simple_loss_cuda(const at::Tensor& eps_pred_in, const at::Tensor& eps_in) {
-  const char* op = "simple_loss";
-  check_cuda_floating(eps_pred_in, op, "eps_pred");
-  check_cuda_floating(eps_in, op, "eps");
-  check_same_shape(eps_pred_in, eps_in, op, "eps_pred", "eps");
+  check_simple_loss(eps_pred_in, eps_in, at::Tensor(), at::kCUDA, "simple_loss");
   const int64_t batch = eps_pred_in.size(0);
   const int64_t numel = batch ? eps_pred_in.numel() / batch : 0;
-  TORCH_CHECK(batch == 0 || numel > 0, op, ": samples must have at least one element, got shape ",
-              eps_pred_in.sizes());
   const c10::cuda::CUDAGuard guard(eps_pred_in.device());
   if (batch == 0) return at::empty({0}, eps_pred_in.options().dtype(at::kFloat));
   const at::Tensor eps_pred = runnable(eps_pred_in), eps = like(eps_in, eps_pred);
@@ -129,14 +111,7 @@ at::Tensor simple_loss_cuda(const at::Tensor& eps_pred_in, const at::Tensor& eps
 }
 
 at::Tensor simple_loss_backward_cuda(const at::Tensor& grad, const at::Tensor& eps_pred_in, const at::Tensor& eps_in) {
-  const char* op = "simple_loss_backward";
-  check_cuda_floating(eps_pred_in, op, "eps_pred");
-  check_cuda_floating(eps_in, op, "eps");
-  check_same_shape(eps_pred_in, eps_in, op, "eps_pred", "eps");
-  check_device(grad, at::kCUDA, op, "grad");
-  TORCH_CHECK(grad.scalar_type() == at::kFloat && grad.dim() == 1 && grad.size(0) == eps_pred_in.size(0), op,
-              ": grad must be float32 of shape (", eps_pred_in.size(0), ",), got ", grad.scalar_type(), " ",
-              grad.sizes());
+  check_simple_loss(eps_pred_in, eps_in, grad, at::kCUDA, "simple_loss_backward");
   const c10::cuda::CUDAGuard guard(eps_pred_in.device());
   const at::Tensor eps_pred = runnable(eps_pred_in), eps = like(eps_in, eps_pred);
   at::Tensor grad_pred = at::empty_like(eps_pred);
@@ -152,16 +127,7 @@ std::tuple<at::Tensor, at::Tensor> reverse_step_cuda(const at::Tensor& x_t_in, c
                                                      const at::Tensor& t, const at::Tensor& coef,
                                                      const at::Tensor& sample_index, const at::Tensor& counter2,
                                                      int64_t seed, int64_t c3, bool clip, bool write_x0) {
-  const char* op = "reverse_step";
-  check_cuda_floating(x_t_in, op, "x_t");
-  TORCH_CHECK(x_t_in.scalar_type() == at::kFloat, op, ": x_t (the sampler's state) must be float32 on CUDA, got ",
-              x_t_in.scalar_type());
-  check_cuda_floating(eps_in, op, "eps");
-  check_same_shape(x_t_in, eps_in, op, "x_t", "eps");
-  check_table(coef, x_t_in, kStepCoefs, at::kFloat, op);
-  check_batch_vector(t, x_t_in, op, "t");
-  check_batch_vector(sample_index, x_t_in, op, "sample_index");
-  check_batch_vector(counter2, x_t_in, op, "counter2");
+  check_reverse_step(x_t_in, eps_in, t, coef, sample_index, counter2, at::kCUDA, "reverse_step");
   const c10::cuda::CUDAGuard guard(x_t_in.device());
   const at::Tensor x_t = runnable(x_t_in), eps = like(eps_in, x_t);
   at::Tensor x_prev = at::empty_like(x_t);
