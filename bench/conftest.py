@@ -1,7 +1,65 @@
 """Benchmarks: every op and the sampler against eager PyTorch, timed in the same run (medians).
 Run: pytest bench/ --benchmark-only [--benchmark-columns=median,iqr,ops]."""
+import os
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
 REPO = Path(__file__).resolve().parent.parent
 sys.path = [p for p in sys.path if Path(p or ".").resolve() != REPO]  # the installed ddpm_fast, with _C
+
+# As tests/conftest.py: without a GPU, Triton runs under the interpreter (so DDPM_FAST_REQUIRE=cpp,triton imports);
+# the benches time Triton on a GPU only. Must precede the first import of ddpm_fast.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def bandwidth_rows(benchmarks):
+    """One row per benchmark that set extra_info["bytes"] and is not the copy: (group, name, median s, GB/s,
+    fraction of the copy's GB/s in its group, speed-up over eager, over compiled). Missing values are None.
+    Roles come from extra_info["role"]: "eager", "compiled", "copy", anything else is ours."""
+    groups = {}
+    for bench in benchmarks:
+        if bench.stats and bench.stats.rounds:
+            groups.setdefault(bench.group, []).append(bench)
+    rows = []
+    for group, members in groups.items():
+        by_role = {b.extra_info.get("role"): b for b in members}
+        copy = by_role.get("copy")
+        copy_gbs = copy.extra_info["bytes"] / copy.stats.median / 1e9 if copy else None
+        for bench in members:
+            role, nbytes = bench.extra_info.get("role"), bench.extra_info.get("bytes")
+            if role in ("eager", "compiled", "copy") or not nbytes:
+                continue
+            median = bench.stats.median
+            gbs = nbytes / median / 1e9
+            ratio = {r: by_role[r].stats.median / median if r in by_role else None for r in ("eager", "compiled")}
+            rows.append((group, bench.name, median, gbs, gbs / copy_gbs if copy_gbs else None, ratio["eager"],
+                         ratio["compiled"]))
+    return rows
+
+
+@pytest.hookimpl(trylast=True)  # after pytest-benchmark's own tables
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    session = getattr(config, "_benchmarksession", None)
+    if session is None or session.disabled:
+        return
+    rows = bandwidth_rows(session.benchmarks)
+    if not rows:
+        return
+
+    def fmt(value, spec):
+        return "-" if value is None else format(value, spec)
+
+    write = terminalreporter.write_line
+    write("")
+    write("Bandwidth of our ops (bytes the op must move / median; copy = dst.copy_(src) of the same size, same run; "
+          "speed-up = baseline median / ours):")
+    write("")
+    write("| group | bench | median | GB/s | of copy | vs eager | vs compiled |")
+    write("|---|---|---|---|---|---|---|")
+    for group, name, median, gbs, of_copy, vs_eager, vs_compiled in rows:
+        write(f"| {group} | {name} | {median * 1e3:.3f} ms | {gbs:.1f} | {fmt(of_copy, '.0%')} | "
+              f"{fmt(vs_eager, '.2f')}x | {fmt(vs_compiled, '.2f')}x |".replace("| -x", "| -"))

@@ -20,6 +20,8 @@ namespace {
 
 constexpr int64_t kChunk = 1024;  // elements per work item; a multiple of 4, so each chunk starts on a counter
 constexpr int64_t kGrain = 16;    // work items per thread at least (~16k elements)
+// The element loops carry _Pragma("omp simd") (a #pragma cannot sit inside AT_DISPATCH's macro argument): outputs are
+// freshly allocated, so they never alias the inputs, and GCC need not prove it.
 
 // ------------------------------------------------------------------------------------------------ checks
 // Every t a row of the table (checked here: on the CPU that costs no sync; the GPU kernels write NaN instead).
@@ -73,6 +75,7 @@ at::Tensor q_sample_cpu(const at::Tensor& x0_in, const at::Tensor& t, const at::
     for_each_chunk(batch, numel, [&](int64_t b, int64_t e0, int64_t count) {
       const acc_t* row = cp + tp[b] * kQSampleCoefs;
       const int64_t base = b * numel + e0;
+      _Pragma("omp simd")
       for (int64_t j = 0; j < count; ++j)
         out[base + j] = q_sample_element<acc_t>(row[kSqrtAbar], row[kSqrtOneMinusAbar], static_cast<acc_t>(xp[base + j]),
                                                 static_cast<acc_t>(np[base + j]));
@@ -115,6 +118,7 @@ std::tuple<at::Tensor, at::Tensor> q_sample_philox_cpu(const at::Tensor& x0_in, 
       const acc_t sa = row[kSqrtAbar], sb = row[kSqrtOneMinusAbar];
       if (contiguous) {
         const int64_t base = b * layout.numel + e0;
+        _Pragma("omp simd")
         for (int64_t j = 0; j < count; ++j) {
           out[base + j] = q_sample_element<acc_t>(sa, sb, static_cast<acc_t>(xp[base + j]), static_cast<acc_t>(z[j]));
           ep[base + j] = static_cast<acc_t>(z[j]);
@@ -151,22 +155,16 @@ at::Tensor simple_loss_cpu(const at::Tensor& eps_pred_in, const at::Tensor& eps_
       const pred_t* pp = eps_pred.data_ptr<pred_t>();
       const scalar_t* ep = eps.data_ptr<scalar_t>();
       for_each_chunk(batch, numel, [&](int64_t b, int64_t e0, int64_t count) {
-        constexpr int kLanes = 16;  // independent sums so the loop vectorizes without reassociation
-        acc_t lanes[kLanes] = {};
-        const int64_t base = b * numel + e0;
-        int64_t j = 0;
-        for (; j + kLanes <= count; j += kLanes)
-          for (int l = 0; l < kLanes; ++l) {
-            const acc_t d = static_cast<acc_t>(pp[base + j + l]) - static_cast<acc_t>(ep[base + j + l]);
-            lanes[l] += d * d;
-          }
-        for (int l = 0; j < count; ++j, ++l) {
-          const acc_t d = static_cast<acc_t>(pp[base + j]) - static_cast<acc_t>(ep[base + j]);
-          lanes[l] += d * d;
+        // the SIMD reduction's order is fixed by the compiled code: the same bits on every run
+        acc_t sum = 0;
+        const pred_t* pc = pp + b * numel + e0;
+        const scalar_t* ec = ep + b * numel + e0;
+        _Pragma("omp simd reduction(+ : sum)")
+        for (int64_t j = 0; j < count; ++j) {
+          const acc_t d = static_cast<acc_t>(pc[j]) - static_cast<acc_t>(ec[j]);
+          sum += d * d;
         }
-        double sum = 0.0;
-        for (int l = 0; l < kLanes; ++l) sum += static_cast<double>(lanes[l]);
-        partial[b * chunks + e0 / kChunk] = sum;
+        partial[b * chunks + e0 / kChunk] = static_cast<double>(sum);
       });
       acc_t* out = loss.data_ptr<acc_t>();
       for (int64_t b = 0; b < batch; ++b) {
@@ -199,6 +197,7 @@ at::Tensor simple_loss_backward_cpu(const at::Tensor& grad, const at::Tensor& ep
       for_each_chunk(batch, numel, [&](int64_t b, int64_t e0, int64_t count) {
         const acc_t scaled = gp[b] * (acc_t(2) / static_cast<acc_t>(numel));
         const int64_t base = b * numel + e0;
+        _Pragma("omp simd")
         for (int64_t j = 0; j < count; ++j)
           out[base + j] = static_cast<pred_t>(
               simple_loss_grad<acc_t>(scaled, static_cast<acc_t>(pp[base + j]), static_cast<acc_t>(ep[base + j])));
@@ -255,6 +254,7 @@ std::tuple<at::Tensor, at::Tensor> reverse_step_cpu(const at::Tensor& x_t_in, co
         };
         if (contiguous) {
           const int64_t base = b * layout.numel + e0;
+          _Pragma("omp simd")
           for (int64_t j = 0; j < count; ++j) element(base + j, z[j]);
         } else {
           for (int64_t j = 0; j < count; ++j) element(element_offset(layout, b, e0 + j), z[j]);
