@@ -134,3 +134,45 @@ def test_backend_choice():
             pass
     with pytest.raises(ValueError, match="unknown backend"):
         philox.randn(index, c2, (8,), seed=0, stream=0, backend="fast")
+
+
+CPU_ISA_PROBE = """
+import hashlib, torch
+from ddpm_fast.ops import diffusion_step, philox
+index, counter2 = torch.arange(5) + 2**31, torch.tensor([0, 1, 999, 2**32 - 1, 7])
+normals = philox.randn(index, counter2, (3, 7, 9), seed=2**40 + 1, stream=1, backend="cpp")
+g = torch.Generator().manual_seed(0)
+x = torch.randn(5, 3, 7, 9, generator=g)
+step, _ = diffusion_step.reverse_step(x, x.flip(0), torch.tensor([0, 1, 5, 8, 9]), torch.rand(10, 5, generator=g), index,
+                                      counter2, seed=3, backend="cpp")
+print(hashlib.sha256(normals.numpy().tobytes() + step.numpy().tobytes()).hexdigest())
+"""
+
+
+def test_every_cpu_instruction_set_gives_the_same_bits():
+    """The C++ normals come from AVX-512, AVX2 or portable code, whichever the CPU runs ($DDPM_FAST_CPU_ISA forces
+    one): no FMA contraction and no select-dependent rounding, so all three give identical bits."""
+    import subprocess
+    import sys
+
+    flags = open("/proc/cpuinfo").read() if sys.platform == "linux" else ""
+    digests = {}
+    for isa in ("portable", "avx2", "avx512"):
+        if isa != "portable" and f" {isa.replace('avx512', 'avx512f')} " not in flags.replace("\n", " "):
+            continue  # the CPU lacks it; the test still compares what it has
+        done = subprocess.run([sys.executable, "-c", CPU_ISA_PROBE], capture_output=True, text=True, cwd="/",
+                              env={**__import__("os").environ, "DDPM_FAST_CPU_ISA": isa})
+        assert done.returncode == 0, done.stderr[-2000:]
+        digests[isa] = done.stdout.strip()
+    assert len(digests) >= 2 or sys.platform != "linux"
+    assert len(set(digests.values())) == 1, digests
+
+
+def test_an_unknown_cpu_instruction_set_is_refused():
+    import os
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", CPU_ISA_PROBE], capture_output=True, text=True, cwd="/",
+                          env={**os.environ, "DDPM_FAST_CPU_ISA": "sse9"})
+    assert done.returncode != 0 and "DDPM_FAST_CPU_ISA must be portable, avx2 or avx512, got 'sse9'" in done.stderr

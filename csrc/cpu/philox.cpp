@@ -1,10 +1,16 @@
 // CPU kernels of the Philox ops. The per-element math is csrc/include/ddpm_fast/philox.h, shared with CUDA; here it
-// runs 16 counters at a time in loops GCC vectorizes (the multiply-high rounds and the branch-free Box-Muller).
+// runs 16 counters at a time: the ten rounds with AVX-512 or AVX2 intrinsics where the CPU has them (GCC's own
+// vectorization of the 32x32->64-bit multiply widens every lane to 64 bits and is ~4x slower), and the branch-free
+// Box-Muller of philox.h in a loop the compiler vectorizes for the same instruction set. -ffp-contract=off: every
+// version gives the same bits (tests/test_philox.py runs each, picked by $DDPM_FAST_CPU_ISA).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
+#include <immintrin.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
 
 #include "ddpm_fast/philox.h"
 #include "philox_cpu.h"
@@ -13,34 +19,12 @@ namespace ddpm_fast {
 namespace cpu {
 namespace {
 
-constexpr int kQuads = 16;  // counters per vector block: 64 normals
+constexpr int kQuads = 16;  // counters per block: 64 normals
 
-__attribute__((always_inline)) inline void normal_block(uint64_t seed, uint32_t q0, uint32_t c1, uint32_t c2,
-                                                        uint32_t c3, float* __restrict out) {
-  uint32_t w0[kQuads], w1[kQuads], w2[kQuads], w3[kQuads];
-#pragma omp simd
-  for (int i = 0; i < kQuads; ++i) {
-    w0[i] = q0 + static_cast<uint32_t>(i);
-    w1[i] = c1;
-    w2[i] = c2;
-    w3[i] = c3;
-  }
-  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
-  for (int round = 0; round < 10; ++round) {  // philox4x32_10 of philox.h, one lane per counter
-#pragma omp simd
-    for (int i = 0; i < kQuads; ++i) {
-      const uint64_t p0 = static_cast<uint64_t>(kPhiloxM0) * w0[i];
-      const uint64_t p1 = static_cast<uint64_t>(kPhiloxM1) * w2[i];
-      const uint32_t n0 = static_cast<uint32_t>(p1 >> 32) ^ w1[i] ^ k0;
-      const uint32_t n2 = static_cast<uint32_t>(p0 >> 32) ^ w3[i] ^ k1;
-      w1[i] = static_cast<uint32_t>(p1);
-      w3[i] = static_cast<uint32_t>(p0);
-      w0[i] = n0;
-      w2[i] = n2;
-    }
-    k0 += kPhiloxW0;
-    k1 += kPhiloxW1;
-  }
+// 16 counters' output words -> 64 normals, out[4 * i + j] = normal j of counter i. Always inlined into each
+// instruction set's block function, which vectorizes it for that set.
+__attribute__((always_inline)) inline void box_muller(const uint32_t* w0, const uint32_t* w1, const uint32_t* w2,
+                                                      const uint32_t* w3, float* __restrict out) {
 #pragma omp simd
   for (int i = 0; i < kQuads; ++i) {
     float a, b, c, d;
@@ -53,15 +37,116 @@ __attribute__((always_inline)) inline void normal_block(uint64_t seed, uint32_t 
   }
 }
 
+void block_portable(uint64_t seed, uint32_t q0, uint32_t c1, uint32_t c2, uint32_t c3, float* out) {
+  uint32_t w0[kQuads], w1[kQuads], w2[kQuads], w3[kQuads];
+  for (int i = 0; i < kQuads; ++i) {
+    uint32_t c[4] = {q0 + static_cast<uint32_t>(i), c1, c2, c3};
+    philox4x32_10(c, static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
+    w0[i] = c[0], w1[i] = c[1], w2[i] = c[2], w3[i] = c[3];
+  }
+  box_muller(w0, w1, w2, w3, out);
+}
+
+// hi, lo of m * x in each 32-bit lane: _mm*_mul_epu32 multiplies the even lanes into 64-bit products; the odd lanes
+// are shifted down and multiplied the same way, then the halves are blended back (mask 0b1010...: the odd lanes).
+__attribute__((target("avx2"), always_inline)) inline void mulhilo_avx2(__m256i m, __m256i x, __m256i& hi,
+                                                                        __m256i& lo) {
+  const __m256i even = _mm256_mul_epu32(x, m);
+  const __m256i odd = _mm256_mul_epu32(_mm256_srli_epi64(x, 32), m);
+  hi = _mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA);
+  lo = _mm256_blend_epi32(even, _mm256_slli_epi64(odd, 32), 0xAA);
+}
+
+__attribute__((target("avx2"))) void block_avx2(uint64_t seed, uint32_t q0, uint32_t c1, uint32_t c2, uint32_t c3,
+                                                float* out) {
+  alignas(32) uint32_t w[4][kQuads];
+  const __m256i m0 = _mm256_set1_epi32(static_cast<int>(kPhiloxM0)), m1 = _mm256_set1_epi32(static_cast<int>(kPhiloxM1));
+  for (int half = 0; half < kQuads; half += 8) {
+    __m256i x0 = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(q0 + half)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    __m256i x1 = _mm256_set1_epi32(static_cast<int>(c1)), x2 = _mm256_set1_epi32(static_cast<int>(c2));
+    __m256i x3 = _mm256_set1_epi32(static_cast<int>(c3));
+    uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+    for (int round = 0; round < 10; ++round) {  // philox4x32_10 of philox.h
+      __m256i hi0, lo0, hi1, lo1;
+      mulhilo_avx2(m0, x0, hi0, lo0);
+      mulhilo_avx2(m1, x2, hi1, lo1);
+      x0 = _mm256_xor_si256(_mm256_xor_si256(hi1, x1), _mm256_set1_epi32(static_cast<int>(k0)));
+      x2 = _mm256_xor_si256(_mm256_xor_si256(hi0, x3), _mm256_set1_epi32(static_cast<int>(k1)));
+      x1 = lo1;
+      x3 = lo0;
+      k0 += kPhiloxW0;
+      k1 += kPhiloxW1;
+    }
+    _mm256_store_si256(reinterpret_cast<__m256i*>(w[0] + half), x0);
+    _mm256_store_si256(reinterpret_cast<__m256i*>(w[1] + half), x1);
+    _mm256_store_si256(reinterpret_cast<__m256i*>(w[2] + half), x2);
+    _mm256_store_si256(reinterpret_cast<__m256i*>(w[3] + half), x3);
+  }
+  box_muller(w[0], w[1], w[2], w[3], out);
+}
+
+__attribute__((target("avx512f"), always_inline)) inline void mulhilo_avx512(__m512i m, __m512i x, __m512i& hi,
+                                                                             __m512i& lo) {
+  const __m512i even = _mm512_mul_epu32(x, m);
+  const __m512i odd = _mm512_mul_epu32(_mm512_srli_epi64(x, 32), m);
+  hi = _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(even, 32), odd);
+  lo = _mm512_mask_blend_epi32(0xAAAA, even, _mm512_slli_epi64(odd, 32));
+}
+
+__attribute__((target("avx512f"))) void block_avx512(uint64_t seed, uint32_t q0, uint32_t c1, uint32_t c2,
+                                                     uint32_t c3, float* out) {
+  alignas(64) uint32_t w[4][kQuads];
+  const __m512i m0 = _mm512_set1_epi32(static_cast<int>(kPhiloxM0)), m1 = _mm512_set1_epi32(static_cast<int>(kPhiloxM1));
+  __m512i x0 = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(q0)),
+                                _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+  __m512i x1 = _mm512_set1_epi32(static_cast<int>(c1)), x2 = _mm512_set1_epi32(static_cast<int>(c2));
+  __m512i x3 = _mm512_set1_epi32(static_cast<int>(c3));
+  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+  for (int round = 0; round < 10; ++round) {  // philox4x32_10 of philox.h
+    __m512i hi0, lo0, hi1, lo1;
+    mulhilo_avx512(m0, x0, hi0, lo0);
+    mulhilo_avx512(m1, x2, hi1, lo1);
+    x0 = _mm512_ternarylogic_epi32(hi1, x1, _mm512_set1_epi32(static_cast<int>(k0)), 0x96);  // three-way xor
+    x2 = _mm512_ternarylogic_epi32(hi0, x3, _mm512_set1_epi32(static_cast<int>(k1)), 0x96);
+    x1 = lo1;
+    x3 = lo0;
+    k0 += kPhiloxW0;
+    k1 += kPhiloxW1;
+  }
+  _mm512_store_si512(w[0], x0);
+  _mm512_store_si512(w[1], x1);
+  _mm512_store_si512(w[2], x2);
+  _mm512_store_si512(w[3], x3);
+  box_muller(w[0], w[1], w[2], w[3], out);
+}
+
+using BlockFn = void (*)(uint64_t, uint32_t, uint32_t, uint32_t, uint32_t, float*);
+
+// The best block this CPU runs, or the one $DDPM_FAST_CPU_ISA names (portable, avx2, avx512: for tests).
+BlockFn pick_block() {
+  __builtin_cpu_init();
+  const bool avx512 = __builtin_cpu_supports("avx512f"), avx2 = __builtin_cpu_supports("avx2");
+  const char* forced = std::getenv("DDPM_FAST_CPU_ISA");
+  if (forced != nullptr && *forced != '\0') {
+    if (std::strcmp(forced, "portable") == 0) return block_portable;
+    TORCH_CHECK(std::strcmp(forced, "avx2") == 0 || std::strcmp(forced, "avx512") == 0,
+                "DDPM_FAST_CPU_ISA must be portable, avx2 or avx512, got '", forced, "'");
+    const bool want512 = std::strcmp(forced, "avx512") == 0;
+    TORCH_CHECK(want512 ? avx512 : avx2, "DDPM_FAST_CPU_ISA=", forced, " but this CPU does not support it");
+    return want512 ? block_avx512 : block_avx2;
+  }
+  return avx512 ? block_avx512 : avx2 ? block_avx2 : block_portable;
+}
+
 }  // namespace
 
-__attribute__((target_clones("avx512f", "avx2", "default")))
 void philox_normals(uint64_t seed, uint32_t q0, int64_t quads, uint32_t c1, uint32_t c2, uint32_t c3, float* out) {
+  static const BlockFn block = pick_block();
   int64_t i = 0;
-  for (; i + kQuads <= quads; i += kQuads) normal_block(seed, q0 + static_cast<uint32_t>(i), c1, c2, c3, out + 4 * i);
+  for (; i + kQuads <= quads; i += kQuads) block(seed, q0 + static_cast<uint32_t>(i), c1, c2, c3, out + 4 * i);
   if (i < quads) {
     float tail[4 * kQuads];
-    normal_block(seed, q0 + static_cast<uint32_t>(i), c1, c2, c3, tail);
+    block(seed, q0 + static_cast<uint32_t>(i), c1, c2, c3, tail);
     std::copy(tail, tail + 4 * (quads - i), out + 4 * i);
   }
 }

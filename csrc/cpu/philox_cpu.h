@@ -1,5 +1,5 @@
-// Vectorized Philox normals for the CPU kernels (defined in philox.cpp, compiled for AVX-512, AVX2 and the baseline
-// and picked at load time; with -ffp-contract=off every version gives the same bits).
+// Vectorized Philox normals for the CPU kernels (defined in philox.cpp: AVX-512, AVX2 or portable, picked on first
+// use; every version gives the same bits).
 #pragma once
 #include <cstdint>
 

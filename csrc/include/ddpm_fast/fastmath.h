@@ -44,10 +44,9 @@ DDPM_HD float log_positive(float x) {
   const int32_t bits = float_bits(x);
   int32_t e = ((bits >> 23) & 0xff) - 126;              // x = m * 2^e with m in [0.5, 1)
   float m = bits_float((bits & 0x007fffff) | 0x3f000000);
-  const bool low = m < 0.707106781186547524f;           // keep m in [sqrt(1/2), sqrt(2)) around 1
-  const float twice = low ? m : 0.0f;                   // selects of this form if-convert; `low ? m + m : m` does not
-  e = low ? e - 1 : e;
-  m = m + twice - 1.0f;
+  const int32_t low = m < 0.707106781186547524f;        // keep m in [sqrt(1/2), sqrt(2)) around 1: m -> 2m, e -> e - 1
+  e -= low;                                             // arithmetic, not selects: the loops then vectorize on AVX2
+  m = m + m * static_cast<float>(low) - 1.0f;           // too (GCC gives up if-converting this many selects)
   const float z = m * m;
   float p = 7.0376836292e-2f;
   p = p * m - 1.1514610310e-1f;
@@ -80,11 +79,13 @@ DDPM_HD void sincos_small(float x, float& s, float& c) {
   pc = pc * z - 1.388731625493765e-3f;
   pc = pc * z + 4.166664568298827e-2f;
   const float cos_r = pc * z * z - 0.5f * z + 1.0f;
-  const bool swap = (j & 2) != 0;                  // octants 2-3 and 6-7: sin and cos trade places
-  const float sin_q = swap ? cos_r : sin_r;
-  const float cos_q = swap ? sin_r : cos_r;
-  s = ((j + 0) & 4) ? -sin_q : sin_q;              // sin is negative in the lower half turn
-  c = ((j + 2) & 4) ? -cos_q : cos_q;              // cos is negative in the left half turn
+  // octants 2-3 and 6-7: sin and cos trade places; then the signs (sin < 0 in the lower half turn, cos < 0 in the
+  // left half): bit operations rather than selects, so that the loops vectorize
+  const int32_t swap = -((j >> 1) & 1);
+  const int32_t sin_bits = (float_bits(cos_r) & swap) | (float_bits(sin_r) & ~swap);
+  const int32_t cos_bits = (float_bits(sin_r) & swap) | (float_bits(cos_r) & ~swap);
+  s = bits_float(sin_bits ^ static_cast<int32_t>(static_cast<uint32_t>(j & 4) << 29));
+  c = bits_float(cos_bits ^ static_cast<int32_t>(static_cast<uint32_t>((j + 2) & 4) << 29));
 }
 
 }  // namespace ddpm_fast

@@ -48,14 +48,15 @@ DDPM_HD void philox4x32_10(uint32_t c[4], uint32_t k0, uint32_t k1) {
 // uint32 -> [0, 1) as Triton: reinterpret as int32, fold negatives with ~x, scale so that INT32_MAX maps below 1.
 DDPM_HD float uint_to_uniform(uint32_t x) {
   int32_t s = static_cast<int32_t>(x);
-  s = s < 0 ? ~s : s;
+  s ^= s >> 31;  // ~s where negative (arithmetic shift), without a select
   return static_cast<float>(s) * 4.6566127342e-10f;
 }
 
 // Box-Muller on (u1, u2): u1 clamped at 1e-7 so log stays finite; cos first, then sin. log/sin/cos are the
 // vectorizable ones of fastmath.h (within 2 ulp of libm's), so normals agree with the reference to a few ulp.
 DDPM_HD void pair_uniform_to_normal(float u1, float u2, float& n0, float& n1) {
-  u1 = u1 > 1.0e-7f ? u1 : 1.0e-7f;
+  const int32_t small = -static_cast<int32_t>(u1 < 1.0e-7f);  // u1 = max(u1, 1e-7) by bits: a select here would
+  u1 = bits_float((float_bits(1.0e-7f) & small) | (float_bits(u1) & ~small));  // stop GCC vectorizing the loop
   const float th = 6.283185307179586f * u2;
   const float r = sqrt_nonnegative(-2.0f * log_positive(u1));
   float s, c;
