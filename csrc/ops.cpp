@@ -29,6 +29,16 @@ TORCH_LIBRARY(ddpm_fast, m) {
   // an empty tensor).
   m.def("reverse_step(Tensor x_t, Tensor eps, Tensor t, Tensor coef, Tensor sample_index, Tensor counter2, int seed, "
         "int c3, bool clip, bool write_x0) -> (Tensor, Tensor)");
+
+  // y = dropout(act(GroupNorm(x + add[n, c]))) (ddpm_fast/ops/group_norm.py has the reference); the dropout mask
+  // from Philox counter (e // 4, sample_index[n], counter2[n], c3), kept where the uniform >= dropout. Returns y (x's
+  // dtype and layout) and, per (n, group), shift = mean - pivot and rstd for the backward (accumulation dtype).
+  m.def("group_norm_silu(Tensor x, Tensor weight, Tensor bias, Tensor? add, int num_groups, float eps, bool act, "
+        "float dropout, Tensor sample_index, Tensor counter2, int seed, int c3) -> (Tensor, Tensor, Tensor)");
+  // Gradients for x, weight, bias and add (empty when add is None), the mask regenerated.
+  m.def("group_norm_silu_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor bias, Tensor? add, Tensor shift, "
+        "Tensor rstd, int num_groups, bool act, float dropout, Tensor sample_index, Tensor counter2, int seed, "
+        "int c3) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 extern "C" PyMODINIT_FUNC PyInit__C(void) {

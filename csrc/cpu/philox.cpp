@@ -37,14 +37,25 @@ __attribute__((always_inline)) inline void box_muller(const uint32_t* w0, const 
   }
 }
 
-void block_portable(uint64_t seed, uint32_t q0, uint32_t c1, uint32_t c2, uint32_t c3, float* out) {
-  uint32_t w0[kQuads], w1[kQuads], w2[kQuads], w3[kQuads];
+// Uniforms in [0, 1) of 16 counters' words: out[4 * i + j] = uint_to_uniform(word j of counter i).
+__attribute__((always_inline)) inline void uniforms(const uint32_t* w0, const uint32_t* w1, const uint32_t* w2,
+                                                    const uint32_t* w3, float* __restrict out) {
+#pragma omp simd
+  for (int i = 0; i < kQuads; ++i) {
+    out[4 * i] = uint_to_uniform(w0[i]);
+    out[4 * i + 1] = uint_to_uniform(w1[i]);
+    out[4 * i + 2] = uint_to_uniform(w2[i]);
+    out[4 * i + 3] = uint_to_uniform(w3[i]);
+  }
+}
+
+__attribute__((always_inline)) inline void rounds_portable(uint64_t seed, uint32_t q0, uint32_t c1, uint32_t c2,
+                                                           uint32_t c3, uint32_t (&w)[4][kQuads]) {
   for (int i = 0; i < kQuads; ++i) {
     uint32_t c[4] = {q0 + static_cast<uint32_t>(i), c1, c2, c3};
     philox4x32_10(c, static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
-    w0[i] = c[0], w1[i] = c[1], w2[i] = c[2], w3[i] = c[3];
+    w[0][i] = c[0], w[1][i] = c[1], w[2][i] = c[2], w[3][i] = c[3];
   }
-  box_muller(w0, w1, w2, w3, out);
 }
 
 // hi, lo of m * x in each 32-bit lane: _mm*_mul_epu32 multiplies the even lanes into 64-bit products; the odd lanes
@@ -57,9 +68,9 @@ __attribute__((target("avx2"), always_inline)) inline void mulhilo_avx2(__m256i 
   lo = _mm256_blend_epi32(even, _mm256_slli_epi64(odd, 32), 0xAA);
 }
 
-__attribute__((target("avx2"))) void block_avx2(uint64_t seed, uint32_t q0, uint32_t c1, uint32_t c2, uint32_t c3,
-                                                float* out) {
-  alignas(32) uint32_t w[4][kQuads];
+__attribute__((target("avx2"), always_inline)) inline void rounds_avx2(uint64_t seed, uint32_t q0, uint32_t c1,
+                                                                       uint32_t c2, uint32_t c3,
+                                                                       uint32_t (&w)[4][kQuads]) {
   const __m256i m0 = _mm256_set1_epi32(static_cast<int>(kPhiloxM0)), m1 = _mm256_set1_epi32(static_cast<int>(kPhiloxM1));
   for (int half = 0; half < kQuads; half += 8) {
     __m256i x0 = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(q0 + half)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
@@ -77,12 +88,11 @@ __attribute__((target("avx2"))) void block_avx2(uint64_t seed, uint32_t q0, uint
       k0 += kPhiloxW0;
       k1 += kPhiloxW1;
     }
-    _mm256_store_si256(reinterpret_cast<__m256i*>(w[0] + half), x0);
-    _mm256_store_si256(reinterpret_cast<__m256i*>(w[1] + half), x1);
-    _mm256_store_si256(reinterpret_cast<__m256i*>(w[2] + half), x2);
-    _mm256_store_si256(reinterpret_cast<__m256i*>(w[3] + half), x3);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(w[0] + half), x0);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(w[1] + half), x1);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(w[2] + half), x2);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(w[3] + half), x3);
   }
-  box_muller(w[0], w[1], w[2], w[3], out);
 }
 
 __attribute__((target("avx512f"), always_inline)) inline void mulhilo_avx512(__m512i m, __m512i x, __m512i& hi,
@@ -93,9 +103,9 @@ __attribute__((target("avx512f"), always_inline)) inline void mulhilo_avx512(__m
   lo = _mm512_mask_blend_epi32(0xAAAA, even, _mm512_slli_epi64(odd, 32));
 }
 
-__attribute__((target("avx512f"))) void block_avx512(uint64_t seed, uint32_t q0, uint32_t c1, uint32_t c2,
-                                                     uint32_t c3, float* out) {
-  alignas(64) uint32_t w[4][kQuads];
+__attribute__((target("avx512f"), always_inline)) inline void rounds_avx512(uint64_t seed, uint32_t q0, uint32_t c1,
+                                                                            uint32_t c2, uint32_t c3,
+                                                                            uint32_t (&w)[4][kQuads]) {
   const __m512i m0 = _mm512_set1_epi32(static_cast<int>(kPhiloxM0)), m1 = _mm512_set1_epi32(static_cast<int>(kPhiloxM1));
   __m512i x0 = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(q0)),
                                 _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
@@ -113,35 +123,59 @@ __attribute__((target("avx512f"))) void block_avx512(uint64_t seed, uint32_t q0,
     k0 += kPhiloxW0;
     k1 += kPhiloxW1;
   }
-  _mm512_store_si512(w[0], x0);
-  _mm512_store_si512(w[1], x1);
-  _mm512_store_si512(w[2], x2);
-  _mm512_store_si512(w[3], x3);
-  box_muller(w[0], w[1], w[2], w[3], out);
+  _mm512_storeu_si512(w[0], x0);
+  _mm512_storeu_si512(w[1], x1);
+  _mm512_storeu_si512(w[2], x2);
+  _mm512_storeu_si512(w[3], x3);
 }
 
-using BlockFn = void (*)(uint64_t, uint32_t, uint32_t, uint32_t, uint32_t, float*);
+// One block of 64 normals or uniforms per instruction set: the rounds and the conversion compiled together for it.
+#define DDPM_FAST_BLOCKS(isa, target_attr)                                                                         \
+  target_attr void normals_##isa(uint64_t seed, uint32_t q0, uint32_t c1, uint32_t c2, uint32_t c3, float* out) {  \
+    uint32_t w[4][kQuads];                                                                                         \
+    rounds_##isa(seed, q0, c1, c2, c3, w);                                                                         \
+    box_muller(w[0], w[1], w[2], w[3], out);                                                                       \
+  }                                                                                                                \
+  target_attr void uniforms_##isa(uint64_t seed, uint32_t q0, uint32_t c1, uint32_t c2, uint32_t c3, float* out) { \
+    uint32_t w[4][kQuads];                                                                                         \
+    rounds_##isa(seed, q0, c1, c2, c3, w);                                                                         \
+    uniforms(w[0], w[1], w[2], w[3], out);                                                                         \
+  }
+DDPM_FAST_BLOCKS(portable, )
+DDPM_FAST_BLOCKS(avx2, __attribute__((target("avx2"))))
+DDPM_FAST_BLOCKS(avx512, __attribute__((target("avx512f"))))
+#undef DDPM_FAST_BLOCKS
 
-// The best block this CPU runs, or the one $DDPM_FAST_CPU_ISA names (portable, avx2, avx512: for tests).
-BlockFn pick_block() {
+using BlockFn = void (*)(uint64_t, uint32_t, uint32_t, uint32_t, uint32_t, float*);
+struct Blocks {
+  BlockFn normals, uniforms;
+};
+
+// The best blocks this CPU runs, or the ones $DDPM_FAST_CPU_ISA names (portable, avx2, avx512: for tests).
+Blocks pick_blocks() {
   __builtin_cpu_init();
   const bool avx512 = __builtin_cpu_supports("avx512f"), avx2 = __builtin_cpu_supports("avx2");
   const char* forced = std::getenv("DDPM_FAST_CPU_ISA");
   if (forced != nullptr && *forced != '\0') {
-    if (std::strcmp(forced, "portable") == 0) return block_portable;
+    if (std::strcmp(forced, "portable") == 0) return {normals_portable, uniforms_portable};
     TORCH_CHECK(std::strcmp(forced, "avx2") == 0 || std::strcmp(forced, "avx512") == 0,
                 "DDPM_FAST_CPU_ISA must be portable, avx2 or avx512, got '", forced, "'");
     const bool want512 = std::strcmp(forced, "avx512") == 0;
     TORCH_CHECK(want512 ? avx512 : avx2, "DDPM_FAST_CPU_ISA=", forced, " but this CPU does not support it");
-    return want512 ? block_avx512 : block_avx2;
+    return want512 ? Blocks{normals_avx512, uniforms_avx512} : Blocks{normals_avx2, uniforms_avx2};
   }
-  return avx512 ? block_avx512 : avx2 ? block_avx2 : block_portable;
+  if (avx512) return {normals_avx512, uniforms_avx512};
+  if (avx2) return {normals_avx2, uniforms_avx2};
+  return {normals_portable, uniforms_portable};
 }
 
-}  // namespace
+const Blocks& blocks() {
+  static const Blocks chosen = pick_blocks();
+  return chosen;
+}
 
-void philox_normals(uint64_t seed, uint32_t q0, int64_t quads, uint32_t c1, uint32_t c2, uint32_t c3, float* out) {
-  static const BlockFn block = pick_block();
+void run_blocks(BlockFn block, uint64_t seed, uint32_t q0, int64_t quads, uint32_t c1, uint32_t c2, uint32_t c3,
+                float* out) {
   int64_t i = 0;
   for (; i + kQuads <= quads; i += kQuads) block(seed, q0 + static_cast<uint32_t>(i), c1, c2, c3, out + 4 * i);
   if (i < quads) {
@@ -149,6 +183,16 @@ void philox_normals(uint64_t seed, uint32_t q0, int64_t quads, uint32_t c1, uint
     block(seed, q0 + static_cast<uint32_t>(i), c1, c2, c3, tail);
     std::copy(tail, tail + 4 * (quads - i), out + 4 * i);
   }
+}
+
+}  // namespace
+
+void philox_normals(uint64_t seed, uint32_t q0, int64_t quads, uint32_t c1, uint32_t c2, uint32_t c3, float* out) {
+  run_blocks(blocks().normals, seed, q0, quads, c1, c2, c3, out);
+}
+
+void philox_uniforms(uint64_t seed, uint32_t q0, int64_t quads, uint32_t c1, uint32_t c2, uint32_t c3, float* out) {
+  run_blocks(blocks().uniforms, seed, q0, quads, c1, c2, c3, out);
 }
 
 }  // namespace cpu

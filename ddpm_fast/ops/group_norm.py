@@ -1,46 +1,139 @@
-"""GroupNorm with an optional per-(sample, channel) add before it and SiLU after it: the norm of every U-Net block.
+"""GroupNorm with an optional per-(sample, channel) add before it, SiLU and dropout after it: the norm of every U-Net
+block, y = dropout(act(GN(x + add[n, c]))), as one read and one write (eager PyTorch makes three to five passes).
 
-y = act(GN(x + add[n, c])). Eager PyTorch makes three or four passes over the activation for this; the fused
-kernels (a later issue) make one read and one write.
+Statistics are float32 (float64 for float64 inputs) sums taken relative to a pivot, the group's first element with x
+and add apart (csrc/include/ddpm_fast/group_norm.h), so that inputs of mean 1e3 and std 1e-3 normalise to ~1e-7.
+The dropout mask comes from Philox stream 4 (DESIGN.md): element e of sample n is kept where the uniform of counter
+(e // 4, sample_index[n], counter2[n], 4 | layer << 8), word e % 4, is >= p; the backward draws it again.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+from ddpm_fast.kernels.layout import acc_dtype, like, runnable
 from ddpm_fast.ops import _registry
+from ddpm_fast.ops.philox import STREAM_DROPOUT, _check_seed, philox_uniform_reference
 
-IMPLEMENTED = ("reference",)
+IMPLEMENTED = ("reference", "cpp")
 
 
-def group_norm_silu_reference(x, weight, bias, num_groups: int, eps: float, add=None, act: bool = True):
-    """The specification, plainly: add, normalise per (sample, group), affine, SiLU."""
+# ---------------------------------------------------------------------------------------------------- reference
+def dropout_mask_reference(x: torch.Tensor, p: float, sample_index, counter2, seed: int, c3: int) -> torch.Tensor:
+    """The kept-and-scaled factor per element of x (logical order): 1 / (1 - p) where kept, else 0; float32."""
+    numel = x.numel() // x.shape[0]
+    u = philox_uniform_reference(sample_index, counter2, seed, c3, numel).view(x.shape)
+    return (u >= p).to(torch.float32) / (1.0 - p)
+
+
+def group_norm_silu_reference(x, weight, bias, num_groups: int, eps: float, add=None, act: bool = True,
+                              dropout: float = 0.0, sample_index=None, counter2=None, seed: int = 0, c3: int = 0):
+    """The specification, plainly: add, normalise per (sample, group), affine, SiLU, dropout."""
     if add is not None:
-        x = x + add.view(*add.shape, *([1] * (x.dim() - 2)))
-    y = F.group_norm(x, num_groups, weight, bias, eps)
-    return F.silu(y) if act else y
+        x = x + add.view(*add.shape, *([1] * (x.dim() - 2))).to(x.dtype)
+    groups = x.reshape(x.shape[0], num_groups, -1)
+    mean = groups.mean(dim=-1, keepdim=True)
+    var = groups.var(dim=-1, unbiased=False, keepdim=True)  # (F.group_norm refuses groups of one element)
+    xhat = ((groups - mean) / torch.sqrt(var + eps)).view(x.shape)
+    affine = (-1, *([1] * (x.dim() - 2)))
+    y = xhat * weight.to(x.dtype).view(affine) + bias.to(x.dtype).view(affine)
+    y = F.silu(y) if act else y
+    if dropout > 0:
+        y = y * dropout_mask_reference(x, dropout, sample_index, counter2, seed, c3).to(y.dtype)
+    return y
+
+
+# ---------------------------------------------------------------------------------------------------- autograd
+def _register_cpp_extras() -> None:
+    """Fake impls and autograd of the C++ ops (only when _C is loaded)."""
+    if _registry._cpp_module()[0] is None:
+        return
+
+    @torch.library.register_fake("ddpm_fast::group_norm_silu")
+    def _(x, weight, bias, add, num_groups, eps, act, dropout, sample_index, counter2, seed, c3):
+        stats = x.new_empty((x.shape[0], num_groups), dtype=acc_dtype(x.dtype))
+        return torch.empty_like(runnable(x)), stats, torch.empty_like(stats)
+
+    @torch.library.register_fake("ddpm_fast::group_norm_silu_backward")
+    def _(grad_y, x, weight, bias, add, shift, rstd, num_groups, act, dropout, sample_index, counter2, seed, c3):
+        dadd = torch.empty_like(add) if add is not None else x.new_empty(0)
+        return torch.empty_like(runnable(x)), torch.empty_like(weight), torch.empty_like(bias), dadd
+
+    _register_autograd("ddpm_fast::group_norm_silu", torch.ops.ddpm_fast.group_norm_silu_backward)
+
+
+def _register_autograd(op, backward_op) -> None:
+    def setup_context(ctx, inputs, output):
+        x, weight, bias, add, num_groups, eps, act, dropout, sample_index, counter2, seed, c3 = inputs
+        _, shift, rstd = output
+        ctx.save_for_backward(x, weight, bias, add, shift, rstd, sample_index, counter2)
+        ctx.config = (num_groups, act, dropout, seed, c3)
+        ctx.mark_non_differentiable(shift, rstd)
+
+    def backward(ctx, grad_y, _grad_shift, _grad_rstd):
+        x, weight, bias, add, shift, rstd, sample_index, counter2 = ctx.saved_tensors
+        num_groups, act, dropout, seed, c3 = ctx.config
+        dx, dweight, dbias, dadd = backward_op(grad_y, x, weight, bias, add, shift, rstd, num_groups, act, dropout,
+                                               sample_index, counter2, seed, c3)
+        return (dx, dweight, dbias, dadd if add is not None else None) + (None,) * 8
+
+    torch.library.register_autograd(op, backward, setup_context=setup_context)
+
+
+_register_cpp_extras()
+
+
+# ---------------------------------------------------------------------------------------------------- public
+def _describe(x) -> str:
+    return f"{x.dtype} tensor of shape {tuple(x.shape)} on {x.device}" if isinstance(x, torch.Tensor) \
+        else type(x).__name__
 
 
 def group_norm_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, num_groups: int, eps: float, *,
-                    add: torch.Tensor | None = None, act: bool = True, backend: str | None = None) -> torch.Tensor:
-    """act(GroupNorm(x + add)).
+                    add: torch.Tensor | None = None, act: bool = True, dropout: float = 0.0, seed: int = 0,
+                    layer: int = 0, sample_index: torch.Tensor | None = None, step: int = 0,
+                    backend: str | None = None) -> torch.Tensor:
+    """dropout(act(GroupNorm(x + add))), differentiable for x, weight, bias and add.
 
-    :param x: (N, C, *spatial) floating. :param weight, bias: (C,). :param num_groups: divides C.
+    :param x: (N, C, *spatial) float32, bfloat16, float16 or float64 (CPU); contiguous or channels_last.
+    :param weight, bias: (C,). :param num_groups: divides C (any C: 384 works).
     :param add: optional (N, C), added to every position of (n, c) before the statistics are taken.
-    :param act: apply SiLU after the affine.
-    :return: x's shape and dtype.
+    :param act: apply SiLU after the affine. :param dropout: p in [0, 1) (0 in eval).
+    :param seed, layer, sample_index, step: the dropout mask's Philox keys: key `seed`, stream 4 with `layer`,
+        counter words sample_index[n] (default arange(N)) and `step`.
+    :return: x's shape, dtype and layout.
     """
-    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() < 2:
-        raise ValueError(f"group_norm_silu: x must be a floating tensor (N, C, ...), got {getattr(x, 'shape', x)}")
+    if not isinstance(x, torch.Tensor) or x.dtype not in (torch.float32, torch.bfloat16, torch.float16,
+                                                         torch.float64) or x.dim() < 2:
+        raise ValueError(f"group_norm_silu: x must be a float tensor of shape (N, C, ...), got {_describe(x)}")
     channels = x.shape[1]
-    if num_groups < 1 or channels % num_groups:
-        raise ValueError(f"group_norm_silu: {channels} channels cannot be split into {num_groups} groups")
+    if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1 or channels % num_groups:
+        raise ValueError(f"group_norm_silu: {channels} channels cannot be split into {num_groups!r} groups")
     for name, value in (("weight", weight), ("bias", bias)):
-        if value.shape != (channels,) or value.device != x.device:
-            raise ValueError(f"group_norm_silu: {name} must have shape ({channels},) on {x.device}, got "
-                             f"{tuple(value.shape)} on {value.device}")
-    if add is not None and (add.shape != x.shape[:2] or add.device != x.device):
-        raise ValueError(f"group_norm_silu: add must have shape {tuple(x.shape[:2])} on {x.device}, got "
-                         f"{tuple(add.shape)} on {add.device}")
-    _registry.choose("group_norm_silu", x.device, IMPLEMENTED, backend)
-    return group_norm_silu_reference(x, weight, bias, num_groups, eps, add=add, act=act)
+        if not isinstance(value, torch.Tensor) or value.shape != (channels,) or value.device != x.device \
+                or not value.is_floating_point():
+            raise ValueError(f"group_norm_silu: {name} must be a float tensor of shape ({channels},) on {x.device}, "
+                             f"got {_describe(value)}")
+    if add is not None and (not isinstance(add, torch.Tensor) or add.shape != x.shape[:2] or add.device != x.device
+                            or not add.is_floating_point()):
+        raise ValueError(f"group_norm_silu: add must be a float tensor of shape {tuple(x.shape[:2])} on {x.device}, "
+                         f"got {_describe(add)}")
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+        raise ValueError(f"group_norm_silu: dropout must be a number in [0, 1), got {dropout!r}")
+    if not 0 <= layer < 2**23:
+        raise ValueError(f"group_norm_silu: layer must be in [0, 2^23), got {layer}")
+    seed = _check_seed(seed)
+    if sample_index is None:
+        sample_index = torch.arange(x.shape[0], device=x.device)
+    elif not isinstance(sample_index, torch.Tensor) or sample_index.shape != (x.shape[0],) \
+            or sample_index.dtype != torch.int64 or sample_index.device != x.device:
+        raise ValueError(f"group_norm_silu: sample_index must be an int64 tensor of shape ({x.shape[0]},) on "
+                         f"{x.device}, got {_describe(sample_index)}")
+    counter2 = torch.full_like(sample_index, step)
+    c3 = STREAM_DROPOUT | (layer << 8)
+    chosen = _registry.choose("group_norm_silu", x.device, IMPLEMENTED, backend)
+    if chosen == "reference":
+        return group_norm_silu_reference(x, weight, bias, num_groups, float(eps), add, act, float(dropout),
+                                         sample_index, counter2, seed, c3)
+    return torch.ops.ddpm_fast.group_norm_silu(x, weight, bias, add, num_groups, float(eps), bool(act),
+                                               float(dropout), sample_index, counter2, seed, c3)[0]

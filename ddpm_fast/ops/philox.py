@@ -64,9 +64,9 @@ def pair_uniform_to_normal_reference(u1: torch.Tensor, u2: torch.Tensor) -> tupl
     return r * torch.cos(theta), r * torch.sin(theta)
 
 
-def philox_normal_reference(sample_index: torch.Tensor, counter2: torch.Tensor, seed: int, c3: int,
-                            numel: int) -> torch.Tensor:
-    """out[b, e] = normal e % 4 of counter (e // 4, sample_index[b], counter2[b], c3). Returns (B, numel) float32."""
+def _words_reference(sample_index: torch.Tensor, counter2: torch.Tensor, seed: int, c3: int,
+                     numel: int) -> torch.Tensor:
+    """(B, ceil(numel / 4), 4) words of counters (q, sample_index[b], counter2[b], c3) for q < ceil(numel / 4)."""
     quads = (numel + 3) // 4
     batch = sample_index.shape[0]
     counter = torch.empty(batch, quads, 4, dtype=torch.int64, device=sample_index.device)
@@ -74,7 +74,23 @@ def philox_normal_reference(sample_index: torch.Tensor, counter2: torch.Tensor, 
     counter[..., 1] = sample_index.to(torch.int64)[:, None]
     counter[..., 2] = counter2.to(torch.int64)[:, None]
     counter[..., 3] = c3
-    u = uint_to_uniform_reference(philox_reference(counter, seed))
+    return philox_reference(counter, seed)
+
+
+def philox_uniform_reference(sample_index: torch.Tensor, counter2: torch.Tensor, seed: int, c3: int,
+                             numel: int) -> torch.Tensor:
+    """out[b, e] = uniform of word e % 4 of counter (e // 4, sample_index[b], counter2[b], c3): (B, numel) float32
+    in [0, 1) (the dropout masks' draws)."""
+    words = _words_reference(sample_index, counter2, seed, c3, numel)
+    return uint_to_uniform_reference(words).reshape(sample_index.shape[0], -1)[:, :numel].contiguous()
+
+
+def philox_normal_reference(sample_index: torch.Tensor, counter2: torch.Tensor, seed: int, c3: int,
+                            numel: int) -> torch.Tensor:
+    """out[b, e] = normal e % 4 of counter (e // 4, sample_index[b], counter2[b], c3). Returns (B, numel) float32."""
+    quads = (numel + 3) // 4
+    batch = sample_index.shape[0]
+    u = uint_to_uniform_reference(_words_reference(sample_index, counter2, seed, c3, numel))
     n0, n1 = pair_uniform_to_normal_reference(u[..., 0], u[..., 1])
     n2, n3 = pair_uniform_to_normal_reference(u[..., 2], u[..., 3])
     return torch.stack((n0, n1, n2, n3), dim=-1).reshape(batch, 4 * quads)[:, :numel].contiguous()

@@ -30,6 +30,13 @@ DDPM_HD float bits_float(int32_t i) {
 #endif
 }
 
+// cond ? a : b by bit masks: GCC gives up if-converting loops with several float selects, and then does not
+// vectorize them at all; these it does.
+DDPM_HD float select_bits(bool cond, float a, float b) {
+  const int32_t mask = -static_cast<int32_t>(cond);
+  return bits_float((float_bits(a) & mask) | (float_bits(b) & ~mask));
+}
+
 // IEEE sqrt (one instruction on both sides; the CPU build has -fno-math-errno so the loop still vectorizes).
 DDPM_HD float sqrt_nonnegative(float x) {
 #if defined(__CUDA_ARCH__)
@@ -86,6 +93,23 @@ DDPM_HD void sincos_small(float x, float& s, float& c) {
   const int32_t cos_bits = (float_bits(sin_r) & swap) | (float_bits(cos_r) & ~swap);
   s = bits_float(sin_bits ^ static_cast<int32_t>(static_cast<uint32_t>(j & 4) << 29));
   c = bits_float(cos_bits ^ static_cast<int32_t>(static_cast<uint32_t>((j + 2) & 4) << 29));
+}
+
+// exp(x) for x in [-87, 88] (clamped there; the callers' sigmoid needs no more): Cephes expf, n = round(x / ln 2),
+// a degree-6 polynomial on the remainder, 2^n through the exponent bits. Within 2 ulp, branch-free.
+DDPM_HD float exp_clamped(float x) {
+  x = select_bits(x < -87.0f, -87.0f, x);
+  x = select_bits(x > 88.0f, 88.0f, x);
+  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest: 1.5 * 2^23 trick
+  const float r = (x - n * 0.693359375f) - n * -2.12194440e-4f;  // x - n ln 2, ln 2 split for exactness
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const float y = p * r * r + r + 1.0f;
+  return y * bits_float((static_cast<int32_t>(n) + 127) << 23);
 }
 
 }  // namespace ddpm_fast

@@ -55,8 +55,7 @@ DDPM_HD float uint_to_uniform(uint32_t x) {
 // Box-Muller on (u1, u2): u1 clamped at 1e-7 so log stays finite; cos first, then sin. log/sin/cos are the
 // vectorizable ones of fastmath.h (within 2 ulp of libm's), so normals agree with the reference to a few ulp.
 DDPM_HD void pair_uniform_to_normal(float u1, float u2, float& n0, float& n1) {
-  const int32_t small = -static_cast<int32_t>(u1 < 1.0e-7f);  // u1 = max(u1, 1e-7) by bits: a select here would
-  u1 = bits_float((float_bits(1.0e-7f) & small) | (float_bits(u1) & ~small));  // stop GCC vectorizing the loop
+  u1 = select_bits(u1 < 1.0e-7f, 1.0e-7f, u1);
   const float th = 6.283185307179586f * u2;
   const float r = sqrt_nonnegative(-2.0f * log_positive(u1));
   float s, c;

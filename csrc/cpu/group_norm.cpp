@@ -1,0 +1,263 @@
+// CPU kernels of the fused GroupNorm (+ per-(n, c) add, SiLU, dropout): forward and backward, one task per
+// (sample, group), two passes over the group each way (statistics, then the output), deterministic. Per-element
+// math: csrc/include/ddpm_fast/group_norm.h (shared with CUDA). The dropout mask is regenerated from Philox stream 4
+// in the backward, never stored.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "../common/tensor_checks.h"
+#include "ddpm_fast/group_norm.h"
+#include "philox_cpu.h"
+
+namespace ddpm_fast {
+namespace {
+
+// What every pass needs of one op call.
+template <typename acc_t>
+struct GroupNormArgs {
+  int64_t channels, groups, spatial;  // C, G, S = H * W (the product of the trailing dims)
+  bool channels_last, act;
+  const acc_t *weight, *bias, *add;   // (C,), (C,), (N, C) or null; all in the accumulation dtype
+  float dropout;                      // p; 0 = no mask
+  acc_t scale;                        // 1 / (1 - p)
+  const int64_t *sample_index, *counter2;
+  uint64_t seed;
+  uint32_t c3;
+};
+
+template <typename acc_t>
+int64_t offset(const GroupNormArgs<acc_t>& a, int64_t n, int64_t c, int64_t s) {
+  const int64_t base = n * a.channels * a.spatial;
+  return a.channels_last ? base + s * a.channels + c : base + c * a.spatial + s;
+}
+
+// The dropout uniforms of logical elements [c0 * S, (c0 + cg) * S) of sample n (logical order: channel-major), into
+// u; returns the index in u of element c0 * S (counters start on multiples of four).
+template <typename acc_t>
+int64_t draw_uniforms(const GroupNormArgs<acc_t>& a, int64_t n, int64_t c0, int64_t cg, std::vector<float>& u) {
+  const int64_t first = c0 * a.spatial, last = (c0 + cg) * a.spatial;
+  const int64_t q0 = first / 4, quads = (last + 3) / 4 - q0;
+  u.resize(4 * quads);
+  cpu::philox_uniforms(a.seed, static_cast<uint32_t>(q0), quads, static_cast<uint32_t>(a.sample_index[n]),
+                       static_cast<uint32_t>(a.counter2[n]), a.c3, u.data());
+  return first - 4 * q0;
+}
+
+template <typename scalar_t, typename acc_t>
+void group_norm_forward_kernel(const GroupNormArgs<acc_t>& a, const scalar_t* x, scalar_t* y, acc_t* shift_out,
+                               acc_t* rstd_out, int64_t batch, acc_t eps) {
+  const int64_t cg = a.channels / a.groups, m = cg * a.spatial;
+  at::parallel_for(0, batch * a.groups, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> u;
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t n = i / a.groups, c0 = (i - n * a.groups) * cg;
+      const acc_t px = static_cast<acc_t>(x[offset(a, n, c0, 0)]);
+      const acc_t pa = a.add ? a.add[n * a.channels + c0] : acc_t(0);
+      acc_t sum = 0, sum_sq = 0;
+      for (int64_t c = c0; c < c0 + cg; ++c) {
+        const acc_t da = (a.add ? a.add[n * a.channels + c] : acc_t(0)) - pa;
+        const scalar_t* row = x + offset(a, n, c, 0);
+        const int64_t stride = a.channels_last ? a.channels : 1;
+        _Pragma("omp simd reduction(+ : sum, sum_sq)")
+        for (int64_t s = 0; s < a.spatial; ++s) {
+          const acc_t d = (static_cast<acc_t>(row[s * stride]) - px) + da;
+          sum += d;
+          sum_sq += d * d;
+        }
+      }
+      acc_t shift, rstd;
+      shifted_stats(sum, sum_sq, m, eps, shift, rstd);
+      shift_out[i] = shift;
+      rstd_out[i] = rstd;
+      const int64_t u0 = a.dropout > 0 ? draw_uniforms(a, n, c0, cg, u) : 0;
+      for (int64_t c = c0; c < c0 + cg; ++c) {
+        const acc_t da = (a.add ? a.add[n * a.channels + c] : acc_t(0)) - pa;
+        const acc_t w = a.weight[c] * rstd, b = a.bias[c];
+        const scalar_t* row = x + offset(a, n, c, 0);
+        scalar_t* out = y + offset(a, n, c, 0);
+        const int64_t stride = a.channels_last ? a.channels : 1;
+        const float* uc = a.dropout > 0 ? u.data() + u0 + (c - c0) * a.spatial : nullptr;
+        _Pragma("omp simd")
+        for (int64_t s = 0; s < a.spatial; ++s) {
+          const acc_t z = ((static_cast<acc_t>(row[s * stride]) - px) + da - shift) * w + b;
+          acc_t v = a.act ? silu(z) : z;
+          if (uc != nullptr) v *= dropout_factor(uc[s], a.dropout, a.scale);
+          out[s * stride] = static_cast<scalar_t>(v);
+        }
+      }
+    }
+  });
+}
+
+// dz = dy * dropout * act'(z); with xhat = (d - shift) rstd and g = dz w:
+// dx = rstd (g - mean(g) - xhat mean(g xhat)) over the group; dw = sum dz xhat, db = sum dz over (n, spatial);
+// dadd[n, c] = sum over spatial of dx. Per-(n, c) partials of dw, db, summed over n in order afterwards.
+template <typename scalar_t, typename acc_t>
+void group_norm_backward_kernel(const GroupNormArgs<acc_t>& a, const scalar_t* dy, const scalar_t* x,
+                                const acc_t* shift_in, const acc_t* rstd_in, scalar_t* dx, acc_t* dw_nc, acc_t* db_nc,
+                                acc_t* dadd, int64_t batch) {
+  const int64_t cg = a.channels / a.groups, m = cg * a.spatial;
+  const int64_t stride = a.channels_last ? a.channels : 1;
+  at::parallel_for(0, batch * a.groups, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> u;
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t n = i / a.groups, c0 = (i - n * a.groups) * cg;
+      const acc_t px = static_cast<acc_t>(x[offset(a, n, c0, 0)]);
+      const acc_t pa = a.add ? a.add[n * a.channels + c0] : acc_t(0);
+      const acc_t shift = shift_in[i], rstd = rstd_in[i];
+      const int64_t u0 = a.dropout > 0 ? draw_uniforms(a, n, c0, cg, u) : 0;
+      // dz of one element, and its xhat
+      const auto grad_z = [&](int64_t c, int64_t s, acc_t da, acc_t& xhat) {
+        const int64_t off = offset(a, n, c, 0) + s * stride;
+        xhat = ((static_cast<acc_t>(x[off]) - px) + da - shift) * rstd;
+        acc_t g = static_cast<acc_t>(dy[off]);
+        if (a.dropout > 0) g *= dropout_factor(u[u0 + (c - c0) * a.spatial + s], a.dropout, a.scale);
+        if (a.act) g *= silu_grad(xhat * a.weight[c] + a.bias[c]);
+        return g;
+      };
+      acc_t sum_g = 0, sum_gx = 0;
+      for (int64_t c = c0; c < c0 + cg; ++c) {
+        const acc_t da = (a.add ? a.add[n * a.channels + c] : acc_t(0)) - pa;
+        acc_t dw = 0, db = 0;
+        for (int64_t s = 0; s < a.spatial; ++s) {
+          acc_t xhat;
+          const acc_t dz = grad_z(c, s, da, xhat);
+          dw += dz * xhat;
+          db += dz;
+        }
+        dw_nc[n * a.channels + c] = dw;
+        db_nc[n * a.channels + c] = db;
+        sum_g += db * a.weight[c];
+        sum_gx += dw * a.weight[c];
+      }
+      const acc_t mean_g = sum_g / static_cast<acc_t>(m), mean_gx = sum_gx / static_cast<acc_t>(m);
+      for (int64_t c = c0; c < c0 + cg; ++c) {
+        const acc_t da = (a.add ? a.add[n * a.channels + c] : acc_t(0)) - pa;
+        acc_t dadd_c = 0;
+        for (int64_t s = 0; s < a.spatial; ++s) {
+          acc_t xhat;
+          const acc_t g = grad_z(c, s, da, xhat) * a.weight[c];
+          const acc_t d = rstd * (g - mean_g - xhat * mean_gx);
+          dx[offset(a, n, c, 0) + s * stride] = static_cast<scalar_t>(d);
+          dadd_c += d;
+        }
+        if (dadd != nullptr) dadd[n * a.channels + c] = dadd_c;
+      }
+    }
+  });
+}
+
+struct Prepared {
+  at::Tensor x, weight, bias, add, sample_index, counter2;
+};
+
+// Checks, the runnable layout of x and the small inputs in the accumulation dtype.
+Prepared prepare(const at::Tensor& x_in, const at::Tensor& weight, const at::Tensor& bias,
+                 const c10::optional<at::Tensor>& add, int64_t num_groups, double dropout,
+                 const at::Tensor& sample_index, const at::Tensor& counter2, const char* op) {
+  check_floating(x_in, at::kCPU, op, "x");
+  TORCH_CHECK(x_in.dim() >= 2, op, ": x must have shape (N, C, ...), got ", x_in.sizes());
+  const int64_t channels = x_in.size(1);
+  TORCH_CHECK(num_groups >= 1 && channels % num_groups == 0, op, ": ", channels, " channels cannot be split into ",
+              num_groups, " groups");
+  TORCH_CHECK(dropout >= 0.0 && dropout < 1.0, op, ": dropout must be in [0, 1), got ", dropout);
+  const at::ScalarType acc = acc_dtype(x_in.scalar_type());
+  for (const auto& [name, value] : {std::pair<const char*, const at::Tensor*>{"weight", &weight}, {"bias", &bias}}) {
+    check_floating(*value, at::kCPU, op, name);
+    TORCH_CHECK(value->dim() == 1 && value->size(0) == channels, op, ": ", name, " must have shape (", channels,
+                ",), got ", value->sizes());
+  }
+  Prepared p{runnable(x_in), weight.to(acc).contiguous(), bias.to(acc).contiguous(), at::Tensor(),
+             sample_index.contiguous(), counter2.contiguous()};
+  if (add.has_value() && add->defined()) {
+    check_floating(*add, at::kCPU, op, "add");
+    TORCH_CHECK(add->dim() == 2 && add->size(0) == x_in.size(0) && add->size(1) == channels, op,
+                ": add must have shape (", x_in.size(0), ", ", channels, "), got ", add->sizes());
+    p.add = add->to(acc).contiguous();
+  }
+  if (dropout > 0) {
+    check_batch_vector(sample_index, x_in, op, "sample_index");
+    check_batch_vector(counter2, x_in, op, "counter2");
+  }
+  return p;
+}
+
+template <typename acc_t>
+GroupNormArgs<acc_t> args_of(const Prepared& p, int64_t num_groups, bool act, double dropout, int64_t seed,
+                             int64_t c3) {
+  const at::Tensor& x = p.x;
+  return {x.size(1), num_groups, x.numel() / std::max<int64_t>(1, x.size(0) * x.size(1)), is_channels_last(x), act,
+          p.weight.data_ptr<acc_t>(), p.bias.data_ptr<acc_t>(), p.add.defined() ? p.add.data_ptr<acc_t>() : nullptr,
+          static_cast<float>(dropout), static_cast<acc_t>(1.0 / (1.0 - dropout)),
+          dropout > 0 ? p.sample_index.data_ptr<int64_t>() : nullptr,
+          dropout > 0 ? p.counter2.data_ptr<int64_t>() : nullptr, static_cast<uint64_t>(seed),
+          static_cast<uint32_t>(c3)};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu_cpu(
+    const at::Tensor& x_in, const at::Tensor& weight, const at::Tensor& bias, const c10::optional<at::Tensor>& add,
+    int64_t num_groups, double eps, bool act, double dropout, const at::Tensor& sample_index,
+    const at::Tensor& counter2, int64_t seed, int64_t c3) {
+  const Prepared p = prepare(x_in, weight, bias, add, num_groups, dropout, sample_index, counter2, "group_norm_silu");
+  const at::ScalarType acc = acc_dtype(x_in.scalar_type());
+  at::Tensor y = at::empty_like(p.x);
+  at::Tensor shift = at::empty({x_in.size(0), num_groups}, p.x.options().dtype(acc));
+  at::Tensor rstd = at::empty_like(shift);
+  if (p.x.numel() == 0) return {y, shift, rstd};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, p.x.scalar_type(), "group_norm_silu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    group_norm_forward_kernel<scalar_t, acc_t>(args_of<acc_t>(p, num_groups, act, dropout, seed, c3),
+                                               p.x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(),
+                                               shift.data_ptr<acc_t>(), rstd.data_ptr<acc_t>(), p.x.size(0),
+                                               static_cast<acc_t>(eps));
+  });
+  return {y, shift, rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_norm_silu_backward_cpu(
+    const at::Tensor& grad_y, const at::Tensor& x_in, const at::Tensor& weight, const at::Tensor& bias,
+    const c10::optional<at::Tensor>& add, const at::Tensor& shift, const at::Tensor& rstd, int64_t num_groups,
+    bool act, double dropout, const at::Tensor& sample_index, const at::Tensor& counter2, int64_t seed, int64_t c3) {
+  const char* op = "group_norm_silu_backward";
+  const Prepared p = prepare(x_in, weight, bias, add, num_groups, dropout, sample_index, counter2, op);
+  check_same_shape(x_in, grad_y, op, "x", "grad_y");
+  const at::ScalarType acc = acc_dtype(x_in.scalar_type());
+  const int64_t batch = x_in.size(0), channels = x_in.size(1);
+  for (const auto* stat : {&shift, &rstd})
+    TORCH_CHECK(stat->scalar_type() == acc && stat->sizes() == at::IntArrayRef({batch, num_groups}), op,
+                ": the saved statistics must be ", acc, " of shape (", batch, ", ", num_groups, ")");
+  const at::Tensor dy = like(grad_y, p.x).to(p.x.scalar_type());
+  at::Tensor dx = at::empty_like(p.x);
+  at::Tensor dw_nc = at::zeros({batch, channels}, p.x.options().dtype(acc));
+  at::Tensor db_nc = at::zeros_like(dw_nc);
+  at::Tensor dadd = p.add.defined() ? at::zeros({batch, channels}, p.x.options().dtype(acc)) : at::Tensor();
+  if (p.x.numel() > 0) {
+    const at::Tensor sc = shift.contiguous(), rc = rstd.contiguous();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, p.x.scalar_type(), "group_norm_silu_backward", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      group_norm_backward_kernel<scalar_t, acc_t>(
+          args_of<acc_t>(p, num_groups, act, dropout, seed, c3), dy.data_ptr<scalar_t>(), p.x.data_ptr<scalar_t>(),
+          sc.data_ptr<acc_t>(), rc.data_ptr<acc_t>(), dx.data_ptr<scalar_t>(), dw_nc.data_ptr<acc_t>(),
+          db_nc.data_ptr<acc_t>(), dadd.defined() ? dadd.data_ptr<acc_t>() : nullptr, batch);
+    });
+  }
+  // the sums over samples in a fixed order (a (N, C) -> (C,) reduction on one thread per column block)
+  at::Tensor dweight = dw_nc.sum(0).to(weight.scalar_type());
+  at::Tensor dbias = db_nc.sum(0).to(bias.scalar_type());
+  at::Tensor dadd_out = dadd.defined() ? dadd.to(add->scalar_type()) : at::empty({0}, x_in.options());
+  return {dx, dweight, dbias, dadd_out};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(ddpm_fast, CPU, m) {
+  m.impl("group_norm_silu", &group_norm_silu_cpu);
+  m.impl("group_norm_silu_backward", &group_norm_silu_backward_cpu);
+}
+
+}  // namespace ddpm_fast
