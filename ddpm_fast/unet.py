@@ -55,12 +55,22 @@ class GroupNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(channels))
         self.bias = nn.Parameter(torch.zeros(channels))
 
-    def forward(self, x: torch.Tensor, add: torch.Tensor | None = None, act: bool = False) -> torch.Tensor:
-        return group_norm_silu(x, self.weight, self.bias, self.num_groups, self.eps, add=add, act=act)
+    def forward(self, x: torch.Tensor, add: torch.Tensor | None = None, act: bool = False, dropout: float = 0.0,
+                seed: int = 0, layer: int = 0) -> torch.Tensor:
+        return group_norm_silu(x, self.weight, self.bias, self.num_groups, self.eps, add=add, act=act,
+                               dropout=dropout, seed=seed, layer=layer)
+
+
+def draw_dropout_seed() -> int:
+    """A Philox key for one forward's dropout masks, from torch's default generator (so torch.manual_seed makes a
+    training step reproducible; no device sync)."""
+    return int(torch.randint(0, 2**62, ()))
 
 
 class ResnetBlock(nn.Module):
-    """h = conv2(dropout(silu(norm2(conv1(silu(norm1(x))) + temb_proj(silu(temb)))))); out = shortcut(x) + h."""
+    """h = conv2(dropout(silu(norm2(conv1(silu(norm1(x))) + temb_proj(silu(temb)))))); out = shortcut(x) + h.
+    norm2, the add of the time embedding, SiLU and dropout are one fused op; the dropout mask comes from Philox
+    stream 4 with this block's `layer` index (set by UNet) and the forward's seed."""
 
     def __init__(self, in_channels: int, out_channels: int, temb_channels: int, dropout: float, num_groups: int,
                  eps: float):
@@ -69,16 +79,22 @@ class ResnetBlock(nn.Module):
         self.conv1 = _init_(nn.Conv2d(in_channels, out_channels, 3, padding=1))
         self.temb_proj = _init_(nn.Linear(temb_channels, out_channels))
         self.norm2 = GroupNorm(out_channels, num_groups, eps)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = dropout
+        self.layer = 0
         self.conv2 = _init_(nn.Conv2d(out_channels, out_channels, 3, padding=1), zero=True)
         # the original's `nin` (a 1x1 conv) where the channel count changes
         self.nin_shortcut = _init_(nn.Conv2d(in_channels, out_channels, 1)) if in_channels != out_channels else None
 
-    def forward(self, x: torch.Tensor, temb_act: torch.Tensor) -> torch.Tensor:
-        """:param temb_act: silu(temb), (B, temb_channels), shared by every block."""
+    def forward(self, x: torch.Tensor, temb_act: torch.Tensor, dropout_seed: int | None = None) -> torch.Tensor:
+        """:param temb_act: silu(temb), (B, temb_channels), shared by every block.
+        :param dropout_seed: the forward's dropout key (UNet draws one per forward); drawn here if None."""
         h = self.conv1(self.norm1(x, act=True))
-        h = self.norm2(h, add=self.temb_proj(temb_act), act=True)
-        h = self.conv2(self.dropout(h))
+        dropout = self.dropout if self.training else 0.0
+        if dropout and dropout_seed is None:
+            dropout_seed = draw_dropout_seed()
+        h = self.norm2(h, add=self.temb_proj(temb_act), act=True, dropout=dropout, seed=dropout_seed or 0,
+                       layer=self.layer)
+        h = self.conv2(h)
         return (x if self.nin_shortcut is None else self.nin_shortcut(x)) + h
 
 
@@ -218,6 +234,8 @@ class UNet(nn.Module):
 
         self.norm_out = GroupNorm(block_in, num_groups, eps)
         self.conv_out = _init_(nn.Conv2d(block_in, out_channels, 3, padding=1), zero=True)
+        for layer, res_block in enumerate(m for m in self.modules() if isinstance(m, ResnetBlock)):
+            res_block.layer = layer  # each block's dropout mask is its own Philox stream
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "UNet":
@@ -239,23 +257,24 @@ class UNet(nn.Module):
         t = t.expand(x.shape[0])
         temb = self.temb.dense[0](timestep_embedding(t, self.ch).to(x.dtype))
         temb_act = F.silu(self.temb.dense[1](F.silu(temb)))
+        seed = draw_dropout_seed() if self.training and self.config["dropout"] > 0 else None
 
         hs = [self.conv_in(x)]
         for level, down in enumerate(self.down):
             for i_block, res_block in enumerate(down.block):
-                h = res_block(hs[-1], temb_act)
+                h = res_block(hs[-1], temb_act, seed)
                 if len(down.attn):
                     h = down.attn[i_block](h)
                 hs.append(h)
             if level != levels - 1:
                 hs.append(down.downsample(hs[-1]))
 
-        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(hs[-1], temb_act)), temb_act)
+        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(hs[-1], temb_act, seed)), temb_act, seed)
 
         for level in reversed(range(levels)):
             up = self.up[level]
             for i_block, res_block in enumerate(up.block):
-                h = res_block(torch.cat([h, hs.pop()], dim=1), temb_act)
+                h = res_block(torch.cat([h, hs.pop()], dim=1), temb_act, seed)
                 if len(up.attn):
                     h = up.attn[i_block](h)
             if level != 0:

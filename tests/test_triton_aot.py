@@ -40,9 +40,11 @@ TARGET = ("cuda", 90, 32)  # backend, compute capability 9.0, warp size
 # aligned tensors, seed 1234, c3 0), contiguous (stride_s == 1) or channels_last (stride_c == 1).
 
 FLOAT_INPUTS = {"fp32": "*fp32", "bf16": "*bf16", "fp16": "*fp16"}
-MODULES = {"philox": "ddpm_fast.kernels.philox", "diffusion_step": "ddpm_fast.kernels.diffusion_step"}
-BLOCKS = {"philox": {"max": "_MAX_BLOCK", "min": 1}, "diffusion_step": {"max": "_BLOCK", "min": 16}}
-WARPS = {"philox": None, "diffusion_step": "_NUM_WARPS"}
+MODULES = {"philox": "ddpm_fast.kernels.philox", "diffusion_step": "ddpm_fast.kernels.diffusion_step",
+           "group_norm": "ddpm_fast.kernels.group_norm"}
+BLOCKS = {"philox": {"max": "_MAX_BLOCK", "min": 1}, "diffusion_step": {"max": "_BLOCK", "min": 16},
+          "group_norm": {"max": "_BLOCK", "min": 16}}
+WARPS = {"philox": None, "diffusion_step": "_NUM_WARPS", "group_norm": "_NUM_WARPS"}
 
 SEED = [("seed", "i64"), ("c3", "i32")]
 LAYOUT = [("numel", "i64"), ("spatial", "i64"), ("stride_b", "i64"), ("stride_c", "i64"), ("stride_s", "i64")]
@@ -122,12 +124,34 @@ def _cases():
                             ("coef_ptr", "*fp32"), ("sample_index_ptr", "*i64"), ("counter2_ptr", "*i64"),
                             ("x_prev_ptr", "*fp32"), ("x0_hat_ptr", "*fp32")], ROWS + SEED + LAYOUT,
                            {"CLIP": clip, "WRITE_X0": write_x0, "CONTIGUOUS": contiguous}, kind, block, contiguous))
+    # group_norm (HAS_ADD, ACT, DROPOUT, CHANNELS_LAST): the ResBlock's norm2 (add, SiLU, dropout), the attention norm
+    # (neither), channels_last; every input dtype; the statistics and small inputs in float32
+    gn_scalars = [("channels", "i64"), ("spatial", "i64"), ("groups", "i64")]
+    gn_flags = [(True, True, True, False), (False, False, False, False), (True, True, True, True)]
+    for dt, block in [(dt, "max") for dt in FLOAT_INPUTS] + [("fp32", "min")]:
+        x = FLOAT_INPUTS[dt]
+        for has_add, act, dropout, channels_last in gn_flags:
+            flags = {"HAS_ADD": has_add, "ACT": act, "DROPOUT": dropout, "CHANNELS_LAST": channels_last,
+                     "ACC": "float32"}
+            small = [("weight_ptr", "*fp32"), ("bias_ptr", "*fp32"), ("add_ptr", "*fp32")]
+            stats = [("shift_ptr", "*fp32"), ("rstd_ptr", "*fp32")]
+            keys = [("sample_index_ptr", "*i64"), ("counter2_ptr", "*i64")]
+            cases.append(_case(f"group_norm_forward-{dt}", "group_norm", "_group_norm_forward_kernel",
+                               [("x_ptr", x), ("y_ptr", x)] + small + stats + keys,
+                               gn_scalars + [("eps", "fp32"), ("seed", "i64"), ("c3", "i32"), ("p", "fp32"),
+                                             ("scale", "fp32")], flags, block=block))
+            cases.append(_case(f"group_norm_backward-{dt}", "group_norm", "_group_norm_backward_kernel",
+                               [("dy_ptr", x), ("x_ptr", x), ("dx_ptr", x)] + small + stats + keys
+                               + [("dw_ptr", "*fp32"), ("db_ptr", "*fp32"), ("dadd_ptr", "*fp32")],
+                               gn_scalars + [("seed", "i64"), ("c3", "i32"), ("p", "fp32"), ("scale", "fp32")],
+                               flags, block=block))
     return cases
 
 
 CASES = _cases()
 KERNELS = {"_philox_kernel", "_philox_normal_kernel", "_q_sample_kernel", "_q_sample_philox_kernel",
-           "_simple_loss_kernel", "_simple_loss_backward_kernel", "_reverse_step_kernel"}
+           "_simple_loss_kernel", "_simple_loss_backward_kernel", "_reverse_step_kernel",
+           "_group_norm_forward_kernel", "_group_norm_backward_kernel"}
 
 # ---------------------------------------------------------------------------------------------------- the compiler
 _COMPILE = r"""

@@ -133,7 +133,7 @@ def test_bad_configurations_and_inputs():
         model(torch.randn(2, 2, 8, 8), torch.tensor([1, 2, 3]))
     with pytest.raises(ValueError, match="cannot be split into 3 groups"):
         group_norm_silu(torch.randn(2, 8, 2, 2), torch.ones(8), torch.zeros(8), 3, 1e-6)
-    with pytest.raises(ValueError, match="add must have shape"):
+    with pytest.raises(ValueError, match="add must be a float tensor of shape"):
         group_norm_silu(torch.randn(2, 8, 2, 2), torch.ones(8), torch.zeros(8), 4, 1e-6, add=torch.ones(8))
     with pytest.raises(ValueError, match="qkv_weight must have shape"):
         attention_block(torch.randn(1, 4, 2, 2), *[torch.ones(4)] * 2, torch.ones(4, 4), torch.ones(12),

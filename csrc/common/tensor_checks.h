@@ -4,6 +4,8 @@
 #pragma once
 #include <ATen/ATen.h>
 
+#include <utility>
+
 #include "ddpm_fast/diffusion_step.h"
 
 namespace ddpm_fast {
@@ -121,6 +123,60 @@ inline SampleLayout layout_of(const at::Tensor& x) {
   const int64_t numel = x.numel() / x.size(0);
   if (is_channels_last(x)) return {numel, x.size(2) * x.size(3), x.stride(0), 1, x.size(1)};
   return {numel, numel, numel, 0, 1};
+}
+
+// ---- group_norm_silu and its backward
+
+// The inputs: x (N, C, ...) with C split into num_groups, weight and bias (C,), add (N, C) or absent, all on x's
+// device; the counter words (N,) int64 where dropout > 0 (unused otherwise). Returns x in a runnable layout and the
+// small inputs contiguous in the accumulation dtype.
+struct GroupNormInputs {
+  at::Tensor x, weight, bias, add, sample_index, counter2;  // add undefined where absent
+};
+
+inline GroupNormInputs prepare_group_norm(const at::Tensor& x_in, const at::Tensor& weight, const at::Tensor& bias,
+                                          const c10::optional<at::Tensor>& add, int64_t num_groups, double dropout,
+                                          const at::Tensor& sample_index, const at::Tensor& counter2,
+                                          at::DeviceType device, const char* op) {
+  check_floating(x_in, device, op, "x");
+  TORCH_CHECK(x_in.dim() >= 2, op, ": x must have shape (N, C, ...), got ", x_in.sizes());
+  const int64_t channels = x_in.size(1);
+  TORCH_CHECK(num_groups >= 1 && channels % num_groups == 0, op, ": ", channels, " channels cannot be split into ",
+              num_groups, " groups");
+  TORCH_CHECK(dropout >= 0.0 && dropout < 1.0, op, ": dropout must be in [0, 1), got ", dropout);
+  const at::ScalarType acc = acc_dtype(x_in.scalar_type());
+  for (const auto& [name, value] : {std::pair<const char*, const at::Tensor*>{"weight", &weight}, {"bias", &bias}}) {
+    check_floating(*value, device, op, name);
+    TORCH_CHECK(value->device() == x_in.device(), op, ": ", name, " must be on ", x_in.device(), ", got ",
+                value->device());
+    TORCH_CHECK(value->dim() == 1 && value->size(0) == channels, op, ": ", name, " must have shape (", channels,
+                ",), got ", value->sizes());
+  }
+  GroupNormInputs p{runnable(x_in), weight.to(acc).contiguous(), bias.to(acc).contiguous(), at::Tensor(),
+                    sample_index.contiguous(), counter2.contiguous()};
+  if (add.has_value() && add->defined()) {
+    check_floating(*add, device, op, "add");
+    TORCH_CHECK(add->device() == x_in.device(), op, ": add must be on ", x_in.device(), ", got ", add->device());
+    TORCH_CHECK(add->dim() == 2 && add->size(0) == x_in.size(0) && add->size(1) == channels, op,
+                ": add must have shape (", x_in.size(0), ", ", channels, "), got ", add->sizes());
+    p.add = add->to(acc).contiguous();
+  }
+  if (dropout > 0) {
+    check_batch_vector(sample_index, x_in, op, "sample_index");
+    check_batch_vector(counter2, x_in, op, "counter2");
+  }
+  return p;
+}
+
+// The statistics the forward saved: (N, num_groups) in the accumulation dtype, on x's device.
+inline void check_group_norm_stats(const at::Tensor& shift, const at::Tensor& rstd, const at::Tensor& x,
+                                   int64_t num_groups, const char* op) {
+  const at::ScalarType acc = acc_dtype(x.scalar_type());
+  for (const auto* stat : {&shift, &rstd})
+    TORCH_CHECK(stat->device() == x.device() && stat->scalar_type() == acc &&
+                    stat->sizes() == at::IntArrayRef({x.size(0), num_groups}),
+                op, ": the saved statistics must be ", acc, " of shape (", x.size(0), ", ", num_groups, ") on ",
+                x.device(), ", got ", stat->scalar_type(), " ", stat->sizes(), " on ", stat->device());
 }
 
 }  // namespace ddpm_fast

@@ -152,43 +152,8 @@ void group_norm_backward_kernel(const GroupNormArgs<acc_t>& a, const scalar_t* d
   });
 }
 
-struct Prepared {
-  at::Tensor x, weight, bias, add, sample_index, counter2;
-};
-
-// Checks, the runnable layout of x and the small inputs in the accumulation dtype.
-Prepared prepare(const at::Tensor& x_in, const at::Tensor& weight, const at::Tensor& bias,
-                 const c10::optional<at::Tensor>& add, int64_t num_groups, double dropout,
-                 const at::Tensor& sample_index, const at::Tensor& counter2, const char* op) {
-  check_floating(x_in, at::kCPU, op, "x");
-  TORCH_CHECK(x_in.dim() >= 2, op, ": x must have shape (N, C, ...), got ", x_in.sizes());
-  const int64_t channels = x_in.size(1);
-  TORCH_CHECK(num_groups >= 1 && channels % num_groups == 0, op, ": ", channels, " channels cannot be split into ",
-              num_groups, " groups");
-  TORCH_CHECK(dropout >= 0.0 && dropout < 1.0, op, ": dropout must be in [0, 1), got ", dropout);
-  const at::ScalarType acc = acc_dtype(x_in.scalar_type());
-  for (const auto& [name, value] : {std::pair<const char*, const at::Tensor*>{"weight", &weight}, {"bias", &bias}}) {
-    check_floating(*value, at::kCPU, op, name);
-    TORCH_CHECK(value->dim() == 1 && value->size(0) == channels, op, ": ", name, " must have shape (", channels,
-                ",), got ", value->sizes());
-  }
-  Prepared p{runnable(x_in), weight.to(acc).contiguous(), bias.to(acc).contiguous(), at::Tensor(),
-             sample_index.contiguous(), counter2.contiguous()};
-  if (add.has_value() && add->defined()) {
-    check_floating(*add, at::kCPU, op, "add");
-    TORCH_CHECK(add->dim() == 2 && add->size(0) == x_in.size(0) && add->size(1) == channels, op,
-                ": add must have shape (", x_in.size(0), ", ", channels, "), got ", add->sizes());
-    p.add = add->to(acc).contiguous();
-  }
-  if (dropout > 0) {
-    check_batch_vector(sample_index, x_in, op, "sample_index");
-    check_batch_vector(counter2, x_in, op, "counter2");
-  }
-  return p;
-}
-
 template <typename acc_t>
-GroupNormArgs<acc_t> args_of(const Prepared& p, int64_t num_groups, bool act, double dropout, int64_t seed,
+GroupNormArgs<acc_t> args_of(const GroupNormInputs& p, int64_t num_groups, bool act, double dropout, int64_t seed,
                              int64_t c3) {
   const at::Tensor& x = p.x;
   return {x.size(1), num_groups, x.numel() / std::max<int64_t>(1, x.size(0) * x.size(1)), is_channels_last(x), act,
@@ -203,7 +168,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu_cpu(
     const at::Tensor& x_in, const at::Tensor& weight, const at::Tensor& bias, const c10::optional<at::Tensor>& add,
     int64_t num_groups, double eps, bool act, double dropout, const at::Tensor& sample_index,
     const at::Tensor& counter2, int64_t seed, int64_t c3) {
-  const Prepared p = prepare(x_in, weight, bias, add, num_groups, dropout, sample_index, counter2, "group_norm_silu");
+  const GroupNormInputs p = prepare_group_norm(x_in, weight, bias, add, num_groups, dropout, sample_index, counter2,
+                                               at::kCPU, "group_norm_silu");
   const at::ScalarType acc = acc_dtype(x_in.scalar_type());
   at::Tensor y = at::empty_like(p.x);
   at::Tensor shift = at::empty({x_in.size(0), num_groups}, p.x.options().dtype(acc));
@@ -224,13 +190,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_norm_silu_backw
     const c10::optional<at::Tensor>& add, const at::Tensor& shift, const at::Tensor& rstd, int64_t num_groups,
     bool act, double dropout, const at::Tensor& sample_index, const at::Tensor& counter2, int64_t seed, int64_t c3) {
   const char* op = "group_norm_silu_backward";
-  const Prepared p = prepare(x_in, weight, bias, add, num_groups, dropout, sample_index, counter2, op);
+  const GroupNormInputs p =
+      prepare_group_norm(x_in, weight, bias, add, num_groups, dropout, sample_index, counter2, at::kCPU, op);
   check_same_shape(x_in, grad_y, op, "x", "grad_y");
+  check_group_norm_stats(shift, rstd, x_in, num_groups, op);
   const at::ScalarType acc = acc_dtype(x_in.scalar_type());
   const int64_t batch = x_in.size(0), channels = x_in.size(1);
-  for (const auto* stat : {&shift, &rstd})
-    TORCH_CHECK(stat->scalar_type() == acc && stat->sizes() == at::IntArrayRef({batch, num_groups}), op,
-                ": the saved statistics must be ", acc, " of shape (", batch, ", ", num_groups, ")");
   const at::Tensor dy = like(grad_y, p.x).to(p.x.scalar_type());
   at::Tensor dx = at::empty_like(p.x);
   at::Tensor dw_nc = at::zeros({batch, channels}, p.x.options().dtype(acc));

@@ -7,6 +7,8 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <algorithm>
+
 #include "../common/tensor_checks.h"
 #include "launchers.h"
 
@@ -144,6 +146,65 @@ std::tuple<at::Tensor, at::Tensor> reverse_step_cuda(const at::Tensor& x_t_in, c
   return {x_prev, x0_hat};
 }
 
+// The kernels' view of prepared group_norm_silu inputs (float32 small inputs: acc_dtype of a CUDA x).
+cuda::GroupNormParams group_norm_params(const GroupNormInputs& p, int64_t num_groups, bool act, double dropout,
+                                        int64_t seed, int64_t c3) {
+  const at::Tensor& x = p.x;
+  return {x.size(0), x.size(1), num_groups, x.numel() / std::max<int64_t>(1, x.size(0) * x.size(1)),
+          is_channels_last(x), act, p.weight.data_ptr<float>(), p.bias.data_ptr<float>(),
+          p.add.defined() ? p.add.data_ptr<float>() : nullptr, static_cast<float>(dropout),
+          static_cast<float>(1.0 / (1.0 - dropout)), dropout > 0 ? p.sample_index.data_ptr<int64_t>() : nullptr,
+          dropout > 0 ? p.counter2.data_ptr<int64_t>() : nullptr, static_cast<uint64_t>(seed),
+          static_cast<uint32_t>(c3)};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu_cuda(
+    const at::Tensor& x_in, const at::Tensor& weight, const at::Tensor& bias, const c10::optional<at::Tensor>& add,
+    int64_t num_groups, double eps, bool act, double dropout, const at::Tensor& sample_index,
+    const at::Tensor& counter2, int64_t seed, int64_t c3) {
+  const GroupNormInputs p = prepare_group_norm(x_in, weight, bias, add, num_groups, dropout, sample_index, counter2,
+                                               at::kCUDA, "group_norm_silu");
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  at::Tensor y = at::empty_like(p.x);
+  at::Tensor shift = at::empty({x_in.size(0), num_groups}, p.x.options().dtype(at::kFloat));
+  at::Tensor rstd = at::empty_like(shift);
+  if (p.x.numel() == 0) return {y, shift, rstd};
+  C10_CUDA_CHECK(cuda::group_norm_silu(dtype_of(p.x), group_norm_params(p, num_groups, act, dropout, seed, c3),
+                                       p.x.data_ptr(), y.data_ptr(), static_cast<float>(eps), shift.data_ptr<float>(),
+                                       rstd.data_ptr<float>(), c10::cuda::getCurrentCUDAStream()));
+  return {y, shift, rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_norm_silu_backward_cuda(
+    const at::Tensor& grad_y, const at::Tensor& x_in, const at::Tensor& weight, const at::Tensor& bias,
+    const c10::optional<at::Tensor>& add, const at::Tensor& shift, const at::Tensor& rstd, int64_t num_groups,
+    bool act, double dropout, const at::Tensor& sample_index, const at::Tensor& counter2, int64_t seed, int64_t c3) {
+  const char* op = "group_norm_silu_backward";
+  const GroupNormInputs p =
+      prepare_group_norm(x_in, weight, bias, add, num_groups, dropout, sample_index, counter2, at::kCUDA, op);
+  check_same_shape(x_in, grad_y, op, "x", "grad_y");
+  check_group_norm_stats(shift, rstd, x_in, num_groups, op);
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const int64_t batch = x_in.size(0), channels = x_in.size(1);
+  const at::Tensor dy = like(grad_y, p.x).to(p.x.scalar_type());
+  at::Tensor dx = at::empty_like(p.x);
+  at::Tensor dw_nc = at::zeros({batch, channels}, p.x.options().dtype(at::kFloat));
+  at::Tensor db_nc = at::zeros_like(dw_nc);
+  at::Tensor dadd = p.add.defined() ? at::zeros_like(dw_nc) : at::Tensor();
+  if (p.x.numel() > 0) {
+    const at::Tensor sc = shift.contiguous(), rc = rstd.contiguous();
+    C10_CUDA_CHECK(cuda::group_norm_silu_backward(
+        dtype_of(p.x), group_norm_params(p, num_groups, act, dropout, seed, c3), dy.data_ptr(), p.x.data_ptr(),
+        sc.data_ptr<float>(), rc.data_ptr<float>(), dx.data_ptr(), dw_nc.data_ptr<float>(), db_nc.data_ptr<float>(),
+        dadd.defined() ? dadd.data_ptr<float>() : nullptr, c10::cuda::getCurrentCUDAStream()));
+  }
+  // the sums over samples as the CPU's: a fixed-order (N, C) -> (C,) reduction, then the parameters' dtypes
+  at::Tensor dweight = dw_nc.sum(0).to(weight.scalar_type());
+  at::Tensor dbias = db_nc.sum(0).to(bias.scalar_type());
+  at::Tensor dadd_out = dadd.defined() ? dadd.to(add->scalar_type()) : at::empty({0}, x_in.options());
+  return {dx, dweight, dbias, dadd_out};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(ddpm_fast, CUDA, m) {
@@ -154,6 +215,8 @@ TORCH_LIBRARY_IMPL(ddpm_fast, CUDA, m) {
   m.impl("simple_loss", &simple_loss_cuda);
   m.impl("simple_loss_backward", &simple_loss_backward_cuda);
   m.impl("reverse_step", &reverse_step_cuda);
+  m.impl("group_norm_silu", &group_norm_silu_cuda);
+  m.impl("group_norm_silu_backward", &group_norm_silu_backward_cuda);
 }
 
 }  // namespace ddpm_fast

@@ -40,5 +40,26 @@ cudaError_t reverse_step(DType eps_dtype, const float* x_t, const void* eps, con
                          float* x0_hat, int64_t batch, SampleLayout layout, uint64_t seed, uint32_t c3, bool clip,
                          cudaStream_t stream);
 
+// The fused GroupNorm (+ add, SiLU, dropout; csrc/ops.cpp has the schemas, csrc/cpu/group_norm.cpp the CPU kernels).
+// x, y, dy and dx are `dtype`, (N, C, S) contiguous or, with channels_last, (N, S, C) in memory; the small inputs
+// are float32 and contiguous: weight, bias (C,), add (N, C) or null. Logical element e = c * S + s of sample n.
+struct GroupNormParams {
+  int64_t batch, channels, groups, spatial;  // N, C, G (divides C), S
+  bool channels_last, act;
+  const float *weight, *bias, *add;
+  float dropout, scale;                      // p in [0, 1) (0: no mask) and 1 / (1 - p)
+  const int64_t *sample_index, *counter2;    // (N,) Philox counter words, read only where dropout > 0
+  uint64_t seed;
+  uint32_t c3;                               // stream 4 | layer << 8
+};
+// Writes y and, per (n, group), shift = mean - pivot and rstd (float32, (N, G)).
+cudaError_t group_norm_silu(DType dtype, const GroupNormParams& p, const void* x, void* y, float eps, float* shift,
+                            float* rstd, cudaStream_t stream);
+// Writes dx and the float32 (N, C) per-sample sums dw_nc = sum_s dz xhat, db_nc = sum_s dz, and dadd = sum_s dx
+// (dadd null where there is no add).
+cudaError_t group_norm_silu_backward(DType dtype, const GroupNormParams& p, const void* dy, const void* x,
+                                     const float* shift, const float* rstd, void* dx, float* dw_nc, float* db_nc,
+                                     float* dadd, cudaStream_t stream);
+
 }  // namespace cuda
 }  // namespace ddpm_fast

@@ -15,7 +15,7 @@ from ddpm_fast.kernels.layout import acc_dtype, like, runnable
 from ddpm_fast.ops import _registry
 from ddpm_fast.ops.philox import STREAM_DROPOUT, _check_seed, philox_uniform_reference
 
-IMPLEMENTED = ("reference", "cpp")
+IMPLEMENTED = ("reference", "cpp", "triton")
 
 
 # ---------------------------------------------------------------------------------------------------- reference
@@ -43,6 +43,42 @@ def group_norm_silu_reference(x, weight, bias, num_groups: int, eps: float, add=
     return y
 
 
+# ---------------------------------------------------------------------------------------------------- triton
+def _register_triton_ops():
+    """The Triton kernels as ops of their own (ddpm_fast::*_triton), with the same autograd as the C++ op."""
+    from ddpm_fast.kernels import group_norm as kernels
+
+    @torch.library.triton_op("ddpm_fast::group_norm_silu_triton", mutates_args=())
+    def group_norm_silu_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, add: torch.Tensor | None,
+                               num_groups: int, eps: float, act: bool, dropout: float, sample_index: torch.Tensor,
+                               counter2: torch.Tensor, seed: int, c3: int) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                    torch.Tensor]:
+        return kernels.group_norm_silu(x, weight, bias, add, num_groups, eps, act, dropout, sample_index, counter2,
+                                       seed, c3)
+
+    @torch.library.triton_op("ddpm_fast::group_norm_silu_backward_triton", mutates_args=())
+    def group_norm_silu_backward_triton(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                                        bias: torch.Tensor, add: torch.Tensor | None, shift: torch.Tensor,
+                                        rstd: torch.Tensor, num_groups: int, act: bool, dropout: float,
+                                        sample_index: torch.Tensor, counter2: torch.Tensor, seed: int,
+                                        c3: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        return kernels.group_norm_silu_backward(grad_y, x, weight, bias, add, shift, rstd, num_groups, act, dropout,
+                                                sample_index, counter2, seed, c3)
+
+    _register_autograd(group_norm_silu_triton, group_norm_silu_backward_triton)
+    return group_norm_silu_triton
+
+
+_triton_op = None
+
+
+def _triton():
+    global _triton_op
+    if _triton_op is None:
+        _triton_op = _register_triton_ops()
+    return _triton_op
+
+
 # ---------------------------------------------------------------------------------------------------- autograd
 def _register_cpp_extras() -> None:
     """Fake impls and autograd of the C++ ops (only when _C is loaded)."""
@@ -56,8 +92,8 @@ def _register_cpp_extras() -> None:
 
     @torch.library.register_fake("ddpm_fast::group_norm_silu_backward")
     def _(grad_y, x, weight, bias, add, shift, rstd, num_groups, act, dropout, sample_index, counter2, seed, c3):
-        dadd = torch.empty_like(add) if add is not None else x.new_empty(0)
-        return torch.empty_like(runnable(x)), torch.empty_like(weight), torch.empty_like(bias), dadd
+        dadd = add.new_empty(add.shape) if add is not None else x.new_empty(0)  # contiguous, as the kernels'
+        return torch.empty_like(runnable(x)), weight.new_empty(weight.shape), bias.new_empty(bias.shape), dadd
 
     _register_autograd("ddpm_fast::group_norm_silu", torch.ops.ddpm_fast.group_norm_silu_backward)
 
@@ -135,5 +171,6 @@ def group_norm_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, n
     if chosen == "reference":
         return group_norm_silu_reference(x, weight, bias, num_groups, float(eps), add, act, float(dropout),
                                          sample_index, counter2, seed, c3)
-    return torch.ops.ddpm_fast.group_norm_silu(x, weight, bias, add, num_groups, float(eps), bool(act),
-                                               float(dropout), sample_index, counter2, seed, c3)[0]
+    op = torch.ops.ddpm_fast.group_norm_silu if chosen == "cpp" else _triton()
+    return op(x, weight, bias, add, num_groups, float(eps), bool(act), float(dropout), sample_index, counter2, seed,
+              c3)[0]
