@@ -8,6 +8,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <type_traits>
 #include <vector>
 
 #include "../common/tensor_checks.h"
@@ -48,13 +49,28 @@ int64_t draw_uniforms(const GroupNormArgs<acc_t>& a, int64_t n, int64_t c0, int6
   return first - 4 * q0;
 }
 
-template <typename scalar_t, typename acc_t>
-void group_norm_forward_kernel(const GroupNormArgs<acc_t>& a, const scalar_t* x, scalar_t* y, acc_t* shift_out,
-                               acc_t* rstd_out, int64_t batch, acc_t eps) {
+// The kernels are instantiated per (SiLU, dropout, channels_last) so that their inner loops carry no branch and
+// vectorize (a runtime flag inside the loop stopped GCC: the fused op was slower than eager before).
+template <typename F>
+void with_flags(bool act, bool dropout, bool channels_last, const F& f) {
+  const auto last = [&](auto a, auto d) {
+    channels_last ? f(a, d, std::true_type{}) : f(a, d, std::false_type{});
+  };
+  const auto middle = [&](auto a) { dropout ? last(a, std::true_type{}) : last(a, std::false_type{}); };
+  act ? middle(std::true_type{}) : middle(std::false_type{});
+}
+
+// One (sample, group): statistics, then the output. Compiled for AVX-512, AVX2 and the baseline, picked at load time
+// (SiLU's exp is most of the work; -ffp-contract=off keeps the three bit-identical).
+template <typename scalar_t, typename acc_t, bool kAct, bool kDropout, bool kChannelsLast>
+__attribute__((target_clones("avx512f", "avx2", "default")))
+void forward_group(const GroupNormArgs<acc_t>& a, const scalar_t* x, scalar_t* y, acc_t* shift_out, acc_t* rstd_out,
+                   int64_t i, acc_t eps, std::vector<float>& u) {
   const int64_t cg = a.channels / a.groups, m = cg * a.spatial;
-  at::parallel_for(0, batch * a.groups, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> u;
-    for (int64_t i = begin; i < end; ++i) {
+  const int64_t stride = kChannelsLast ? a.channels : 1;
+  const int64_t spatial = a.spatial;
+  {
+    {
       const int64_t n = i / a.groups, c0 = (i - n * a.groups) * cg;
       const acc_t px = static_cast<acc_t>(x[offset(a, n, c0, 0)]);
       const acc_t pa = a.add ? a.add[n * a.channels + c0] : acc_t(0);
@@ -62,9 +78,8 @@ void group_norm_forward_kernel(const GroupNormArgs<acc_t>& a, const scalar_t* x,
       for (int64_t c = c0; c < c0 + cg; ++c) {
         const acc_t da = (a.add ? a.add[n * a.channels + c] : acc_t(0)) - pa;
         const scalar_t* row = x + offset(a, n, c, 0);
-        const int64_t stride = a.channels_last ? a.channels : 1;
-        _Pragma("omp simd reduction(+ : sum, sum_sq)")
-        for (int64_t s = 0; s < a.spatial; ++s) {
+#pragma omp simd reduction(+ : sum, sum_sq)
+        for (int64_t s = 0; s < spatial; ++s) {
           const acc_t d = (static_cast<acc_t>(row[s * stride]) - px) + da;
           sum += d;
           sum_sq += d * d;
@@ -74,81 +89,117 @@ void group_norm_forward_kernel(const GroupNormArgs<acc_t>& a, const scalar_t* x,
       shifted_stats(sum, sum_sq, m, eps, shift, rstd);
       shift_out[i] = shift;
       rstd_out[i] = rstd;
-      const int64_t u0 = a.dropout > 0 ? draw_uniforms(a, n, c0, cg, u) : 0;
+      const int64_t u0 = kDropout ? draw_uniforms(a, n, c0, cg, u) : 0;
       for (int64_t c = c0; c < c0 + cg; ++c) {
-        const acc_t da = (a.add ? a.add[n * a.channels + c] : acc_t(0)) - pa;
+        // z = ((x - px) + (da - shift)) rstd w + b: x - px first, exact near the pivot (folding px into the bias
+        // would cancel two large products and lose the mean-1e3 precision)
+        const acc_t k = (a.add ? a.add[n * a.channels + c] : acc_t(0)) - pa - shift;
         const acc_t w = a.weight[c] * rstd, b = a.bias[c];
         const scalar_t* row = x + offset(a, n, c, 0);
         scalar_t* out = y + offset(a, n, c, 0);
-        const int64_t stride = a.channels_last ? a.channels : 1;
-        const float* uc = a.dropout > 0 ? u.data() + u0 + (c - c0) * a.spatial : nullptr;
-        _Pragma("omp simd")
-        for (int64_t s = 0; s < a.spatial; ++s) {
-          const acc_t z = ((static_cast<acc_t>(row[s * stride]) - px) + da - shift) * w + b;
-          acc_t v = a.act ? silu(z) : z;
-          if (uc != nullptr) v *= dropout_factor(uc[s], a.dropout, a.scale);
+        const float* uc = kDropout ? u.data() + u0 + (c - c0) * spatial : nullptr;
+        const acc_t scale = a.scale;
+        const float p = a.dropout;
+#pragma omp simd
+        for (int64_t s = 0; s < spatial; ++s) {
+          acc_t v = ((static_cast<acc_t>(row[s * stride]) - px) + k) * w + b;
+          if constexpr (kAct) v = silu(v);
+          if constexpr (kDropout) v *= dropout_factor(uc[s], p, scale);
           out[s * stride] = static_cast<scalar_t>(v);
         }
       }
     }
+  }
+}
+
+template <typename scalar_t, typename acc_t, bool kAct, bool kDropout, bool kChannelsLast>
+void group_norm_forward_kernel(const GroupNormArgs<acc_t>& a, const scalar_t* x, scalar_t* y, acc_t* shift_out,
+                               acc_t* rstd_out, int64_t batch, acc_t eps) {
+  at::parallel_for(0, batch * a.groups, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> u;
+    for (int64_t i = begin; i < end; ++i)
+      forward_group<scalar_t, acc_t, kAct, kDropout, kChannelsLast>(a, x, y, shift_out, rstd_out, i, eps, u);
   });
 }
 
 // dz = dy * dropout * act'(z); with xhat = (d - shift) rstd and g = dz w:
 // dx = rstd (g - mean(g) - xhat mean(g xhat)) over the group; dw = sum dz xhat, db = sum dz over (n, spatial);
 // dadd[n, c] = sum over spatial of dx. Per-(n, c) partials of dw, db, summed over n in order afterwards.
-template <typename scalar_t, typename acc_t>
-void group_norm_backward_kernel(const GroupNormArgs<acc_t>& a, const scalar_t* dy, const scalar_t* x,
-                                const acc_t* shift_in, const acc_t* rstd_in, scalar_t* dx, acc_t* dw_nc, acc_t* db_nc,
-                                acc_t* dadd, int64_t batch) {
+template <typename scalar_t, typename acc_t, bool kAct, bool kDropout, bool kChannelsLast>
+__attribute__((target_clones("avx512f", "avx2", "default")))
+void backward_group(const GroupNormArgs<acc_t>& a, const scalar_t* dy, const scalar_t* x, const acc_t* shift_in,
+                    const acc_t* rstd_in, scalar_t* dx, acc_t* dw_nc, acc_t* db_nc, acc_t* dadd, int64_t i,
+                    std::vector<float>& u) {
   const int64_t cg = a.channels / a.groups, m = cg * a.spatial;
-  const int64_t stride = a.channels_last ? a.channels : 1;
-  at::parallel_for(0, batch * a.groups, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> u;
-    for (int64_t i = begin; i < end; ++i) {
+  const int64_t stride = kChannelsLast ? a.channels : 1;
+  const int64_t spatial = a.spatial;
+  {
+    {
       const int64_t n = i / a.groups, c0 = (i - n * a.groups) * cg;
       const acc_t px = static_cast<acc_t>(x[offset(a, n, c0, 0)]);
       const acc_t pa = a.add ? a.add[n * a.channels + c0] : acc_t(0);
       const acc_t shift = shift_in[i], rstd = rstd_in[i];
-      const int64_t u0 = a.dropout > 0 ? draw_uniforms(a, n, c0, cg, u) : 0;
-      // dz of one element, and its xhat
-      const auto grad_z = [&](int64_t c, int64_t s, acc_t da, acc_t& xhat) {
-        const int64_t off = offset(a, n, c, 0) + s * stride;
-        xhat = ((static_cast<acc_t>(x[off]) - px) + da - shift) * rstd;
-        acc_t g = static_cast<acc_t>(dy[off]);
-        if (a.dropout > 0) g *= dropout_factor(u[u0 + (c - c0) * a.spatial + s], a.dropout, a.scale);
-        if (a.act) g *= silu_grad(xhat * a.weight[c] + a.bias[c]);
-        return g;
-      };
+      const int64_t u0 = kDropout ? draw_uniforms(a, n, c0, cg, u) : 0;
+      const acc_t scale = a.scale;
+      const float p = a.dropout;
       acc_t sum_g = 0, sum_gx = 0;
-      for (int64_t c = c0; c < c0 + cg; ++c) {
+      for (int64_t c = c0; c < c0 + cg; ++c) {  // pass 1: per-channel sums of dz and dz * xhat
         const acc_t da = (a.add ? a.add[n * a.channels + c] : acc_t(0)) - pa;
+        const acc_t k = da - shift;  // xhat = ((x - px) + k) rstd, x - px first (exact near the pivot)
+        const acc_t w = a.weight[c], b = a.bias[c];
+        const scalar_t* xr = x + offset(a, n, c, 0);
+        const scalar_t* dyr = dy + offset(a, n, c, 0);
+        const float* uc = kDropout ? u.data() + u0 + (c - c0) * spatial : nullptr;
         acc_t dw = 0, db = 0;
-        for (int64_t s = 0; s < a.spatial; ++s) {
-          acc_t xhat;
-          const acc_t dz = grad_z(c, s, da, xhat);
+#pragma omp simd reduction(+ : dw, db)
+        for (int64_t s = 0; s < spatial; ++s) {
+          const acc_t xhat = ((static_cast<acc_t>(xr[s * stride]) - px) + k) * rstd;
+          acc_t dz = static_cast<acc_t>(dyr[s * stride]);
+          if constexpr (kDropout) dz *= dropout_factor(uc[s], p, scale);
+          if constexpr (kAct) dz *= silu_grad(xhat * w + b);
           dw += dz * xhat;
           db += dz;
         }
         dw_nc[n * a.channels + c] = dw;
         db_nc[n * a.channels + c] = db;
-        sum_g += db * a.weight[c];
-        sum_gx += dw * a.weight[c];
+        sum_g += db * w;
+        sum_gx += dw * w;
       }
       const acc_t mean_g = sum_g / static_cast<acc_t>(m), mean_gx = sum_gx / static_cast<acc_t>(m);
-      for (int64_t c = c0; c < c0 + cg; ++c) {
+      for (int64_t c = c0; c < c0 + cg; ++c) {  // pass 2: dx and its per-channel sum
         const acc_t da = (a.add ? a.add[n * a.channels + c] : acc_t(0)) - pa;
+        const acc_t k = da - shift;
+        const acc_t w = a.weight[c], b = a.bias[c];
+        const scalar_t* xr = x + offset(a, n, c, 0);
+        const scalar_t* dyr = dy + offset(a, n, c, 0);
+        scalar_t* dxr = dx + offset(a, n, c, 0);
+        const float* uc = kDropout ? u.data() + u0 + (c - c0) * spatial : nullptr;
         acc_t dadd_c = 0;
-        for (int64_t s = 0; s < a.spatial; ++s) {
-          acc_t xhat;
-          const acc_t g = grad_z(c, s, da, xhat) * a.weight[c];
-          const acc_t d = rstd * (g - mean_g - xhat * mean_gx);
-          dx[offset(a, n, c, 0) + s * stride] = static_cast<scalar_t>(d);
+#pragma omp simd reduction(+ : dadd_c)
+        for (int64_t s = 0; s < spatial; ++s) {
+          const acc_t xhat = ((static_cast<acc_t>(xr[s * stride]) - px) + k) * rstd;
+          acc_t dz = static_cast<acc_t>(dyr[s * stride]);
+          if constexpr (kDropout) dz *= dropout_factor(uc[s], p, scale);
+          if constexpr (kAct) dz *= silu_grad(xhat * w + b);
+          const acc_t d = rstd * (dz * w - mean_g - xhat * mean_gx);
+          dxr[s * stride] = static_cast<scalar_t>(d);
           dadd_c += d;
         }
         if (dadd != nullptr) dadd[n * a.channels + c] = dadd_c;
       }
     }
+  }
+}
+
+template <typename scalar_t, typename acc_t, bool kAct, bool kDropout, bool kChannelsLast>
+void group_norm_backward_kernel(const GroupNormArgs<acc_t>& a, const scalar_t* dy, const scalar_t* x,
+                                const acc_t* shift_in, const acc_t* rstd_in, scalar_t* dx, acc_t* dw_nc, acc_t* db_nc,
+                                acc_t* dadd, int64_t batch) {
+  at::parallel_for(0, batch * a.groups, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> u;
+    for (int64_t i = begin; i < end; ++i)
+      backward_group<scalar_t, acc_t, kAct, kDropout, kChannelsLast>(a, dy, x, shift_in, rstd_in, dx, dw_nc, db_nc,
+                                                                      dadd, i, u);
   });
 }
 
@@ -177,10 +228,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu_cpu(
   if (p.x.numel() == 0) return {y, shift, rstd};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, p.x.scalar_type(), "group_norm_silu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    group_norm_forward_kernel<scalar_t, acc_t>(args_of<acc_t>(p, num_groups, act, dropout, seed, c3),
-                                               p.x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(),
-                                               shift.data_ptr<acc_t>(), rstd.data_ptr<acc_t>(), p.x.size(0),
-                                               static_cast<acc_t>(eps));
+    const auto args = args_of<acc_t>(p, num_groups, act, dropout, seed, c3);
+    with_flags(act, dropout > 0, args.channels_last, [&](auto kAct, auto kDropout, auto kChannelsLast) {
+      group_norm_forward_kernel<scalar_t, acc_t, decltype(kAct)::value, decltype(kDropout)::value,
+                                decltype(kChannelsLast)::value>(args, p.x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(),
+                                                                shift.data_ptr<acc_t>(), rstd.data_ptr<acc_t>(),
+                                                                p.x.size(0), static_cast<acc_t>(eps));
+    });
   });
   return {y, shift, rstd};
 }
@@ -205,10 +259,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_norm_silu_backw
     const at::Tensor sc = shift.contiguous(), rc = rstd.contiguous();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, p.x.scalar_type(), "group_norm_silu_backward", [&] {
       using acc_t = at::opmath_type<scalar_t>;
-      group_norm_backward_kernel<scalar_t, acc_t>(
-          args_of<acc_t>(p, num_groups, act, dropout, seed, c3), dy.data_ptr<scalar_t>(), p.x.data_ptr<scalar_t>(),
-          sc.data_ptr<acc_t>(), rc.data_ptr<acc_t>(), dx.data_ptr<scalar_t>(), dw_nc.data_ptr<acc_t>(),
-          db_nc.data_ptr<acc_t>(), dadd.defined() ? dadd.data_ptr<acc_t>() : nullptr, batch);
+      const auto args = args_of<acc_t>(p, num_groups, act, dropout, seed, c3);
+      with_flags(act, dropout > 0, args.channels_last, [&](auto kAct, auto kDropout, auto kChannelsLast) {
+        group_norm_backward_kernel<scalar_t, acc_t, decltype(kAct)::value, decltype(kDropout)::value,
+                                   decltype(kChannelsLast)::value>(
+            args, dy.data_ptr<scalar_t>(), p.x.data_ptr<scalar_t>(), sc.data_ptr<acc_t>(), rc.data_ptr<acc_t>(),
+            dx.data_ptr<scalar_t>(), dw_nc.data_ptr<acc_t>(), db_nc.data_ptr<acc_t>(),
+            dadd.defined() ? dadd.data_ptr<acc_t>() : nullptr, batch);
+      });
     });
   }
   // the sums over samples in a fixed order (a (N, C) -> (C,) reduction on one thread per column block)
