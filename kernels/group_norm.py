@@ -47,6 +47,19 @@ def _dropout_factor(n, c, s, spatial, sample_index_ptr, counter2_ptr, seed, c3, 
 
 
 @triton.jit
+def _group(x_ptr, add_ptr, channels, spatial, groups, HAS_ADD: tl.constexpr, CHANNELS_LAST: tl.constexpr,
+           ACC: tl.constexpr):
+    """This program's (sample n, group g, channels per group, first channel c0) and the pivot (px, pa)."""
+    n = tl.program_id(0).to(tl.int64) // groups
+    g = tl.program_id(0).to(tl.int64) % groups
+    cg = channels // groups
+    c0 = g * cg
+    px = tl.load(x_ptr + _offsets(n, c0, 0, channels, spatial, CHANNELS_LAST)).to(ACC)
+    pa = tl.load(add_ptr + n * channels + c0).to(ACC) if HAS_ADD else 0.0
+    return n, g, cg, c0, px, pa
+
+
+@triton.jit
 def _sigmoid(z):
     return 1.0 / (1.0 + tl.exp(tl.minimum(-z, 88.0)))  # exp clamped: no inf (the value is the same)
 
@@ -69,13 +82,8 @@ def _group_norm_forward_kernel(
     HAS_ADD: tl.constexpr, ACT: tl.constexpr, DROPOUT: tl.constexpr, CHANNELS_LAST: tl.constexpr,
     ACC: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    n = tl.program_id(0).to(tl.int64) // groups
-    g = tl.program_id(0).to(tl.int64) % groups
-    cg = channels // groups
-    c0 = g * cg
+    n, g, cg, c0, px, pa = _group(x_ptr, add_ptr, channels, spatial, groups, HAS_ADD, CHANNELS_LAST, ACC)
     positions = tl.arange(0, BLOCK)
-    px = tl.load(x_ptr + _offsets(n, c0, 0, channels, spatial, CHANNELS_LAST)).to(ACC)
-    pa = tl.load(add_ptr + n * channels + c0).to(ACC) if HAS_ADD else 0.0
     total = tl.zeros([BLOCK], dtype=ACC)
     total_sq = tl.zeros([BLOCK], dtype=ACC)
     for k in range(0, cg):
@@ -140,13 +148,8 @@ def _group_norm_backward_kernel(
     HAS_ADD: tl.constexpr, ACT: tl.constexpr, DROPOUT: tl.constexpr, CHANNELS_LAST: tl.constexpr,
     ACC: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    n = tl.program_id(0).to(tl.int64) // groups
-    g = tl.program_id(0).to(tl.int64) % groups
-    cg = channels // groups
-    c0 = g * cg
+    n, g, cg, c0, px, pa = _group(x_ptr, add_ptr, channels, spatial, groups, HAS_ADD, CHANNELS_LAST, ACC)
     positions = tl.arange(0, BLOCK)
-    px = tl.load(x_ptr + _offsets(n, c0, 0, channels, spatial, CHANNELS_LAST)).to(ACC)
-    pa = tl.load(add_ptr + n * channels + c0).to(ACC) if HAS_ADD else 0.0
     shift = tl.load(shift_ptr + n * groups + g)
     rstd = tl.load(rstd_ptr + n * groups + g)
     sum_g = px * 0.0  # ACC-typed zeros (a loop-carried value keeps its type)

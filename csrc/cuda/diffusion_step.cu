@@ -8,6 +8,7 @@
 
 #include "ddpm_fast/diffusion_step.h"
 #include "ddpm_fast/philox.h"
+#include "dtypes.cuh"
 #include "launchers.h"
 
 namespace ddpm_fast {
@@ -21,24 +22,6 @@ constexpr int64_t kLossChunk = kLossThreads * 8;  // elements per loss block
 int blocks_for(int64_t n) {
   const int64_t blocks = (n + kThreads - 1) / kThreads;
   return static_cast<int>(blocks < 65535 * 16 ? blocks : 65535 * 16);  // grid-stride loops cover the rest
-}
-
-__device__ __forceinline__ float to_float(float x) { return x; }
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-template <typename T> __device__ __forceinline__ T from_float(float x);
-template <> __device__ __forceinline__ float from_float<float>(float x) { return x; }
-template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16(x); }
-template <> __device__ __forceinline__ __half from_float<__half>(float x) { return __float2half(x); }
-
-template <typename F>
-cudaError_t dispatch(DType dtype, const F& f) {
-  switch (dtype) {
-    case DType::kFloat32: return f(float{});
-    case DType::kBFloat16: return f(__nv_bfloat16{});
-    case DType::kFloat16: return f(__half{});
-  }
-  return cudaErrorInvalidValue;
 }
 
 #define DDPM_GRID_STRIDE(i, n)                                                                     \

@@ -14,6 +14,7 @@
 
 #include "ddpm_fast/group_norm.h"
 #include "ddpm_fast/philox.h"
+#include "dtypes.cuh"
 #include "launchers.h"
 
 namespace ddpm_fast {
@@ -21,24 +22,6 @@ namespace cuda {
 namespace {
 
 constexpr int kThreads = 256;  // a power of two: the trees below halve it
-
-__device__ __forceinline__ float to_float(float x) { return x; }
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-template <typename T> __device__ __forceinline__ T from_float(float x);
-template <> __device__ __forceinline__ float from_float<float>(float x) { return x; }
-template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16(x); }
-template <> __device__ __forceinline__ __half from_float<__half>(float x) { return __float2half(x); }
-
-template <typename F>
-cudaError_t dispatch(DType dtype, const F& f) {
-  switch (dtype) {
-    case DType::kFloat32: return f(float{});
-    case DType::kBFloat16: return f(__nv_bfloat16{});
-    case DType::kFloat16: return f(__half{});
-  }
-  return cudaErrorInvalidValue;
-}
 
 // This thread's place in the block's view of a group (see the top of the file).
 struct Tile {
