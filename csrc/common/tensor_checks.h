@@ -4,6 +4,7 @@
 #pragma once
 #include <ATen/ATen.h>
 
+#include <tuple>
 #include <utility>
 
 #include "ddpm_fast/diffusion_step.h"
@@ -177,6 +178,15 @@ inline void check_group_norm_stats(const at::Tensor& shift, const at::Tensor& rs
                     stat->sizes() == at::IntArrayRef({x.size(0), num_groups}),
                 op, ": the saved statistics must be ", acc, " of shape (", x.size(0), ", ", num_groups, ") on ",
                 x.device(), ", got ", stat->scalar_type(), " ", stat->sizes(), " on ", stat->device());
+}
+
+// The backward's outputs from its per-(sample, channel) partials: dweight and dbias summed over the samples (a fixed-
+// order (N, C) -> (C,) reduction) in the parameters' dtypes, and dadd in add's dtype (empty without add).
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_parameter_grads(
+    const at::Tensor& dw_nc, const at::Tensor& db_nc, const at::Tensor& dadd, const at::Tensor& weight,
+    const at::Tensor& bias, const c10::optional<at::Tensor>& add, const at::Tensor& x) {
+  return {dw_nc.sum(0).to(weight.scalar_type()), db_nc.sum(0).to(bias.scalar_type()),
+          dadd.defined() ? dadd.to(add->scalar_type()) : at::empty({0}, x.options())};
 }
 
 }  // namespace ddpm_fast

@@ -37,6 +37,12 @@ int64_t offset(const GroupNormArgs<acc_t>& a, int64_t n, int64_t c, int64_t s) {
   return a.channels_last ? base + s * a.channels + c : base + c * a.spatial + s;
 }
 
+// add[n, c] of the op (0 without one): the per-(sample, channel) vector added before the statistics.
+template <typename acc_t>
+inline acc_t add_of(const GroupNormArgs<acc_t>& a, int64_t n, int64_t c) {
+  return a.add != nullptr ? a.add[n * a.channels + c] : acc_t(0);
+}
+
 // The dropout uniforms of logical elements [c0 * S, (c0 + cg) * S) of sample n (logical order: channel-major), into
 // u; returns the index in u of element c0 * S (counters start on multiples of four).
 template <typename acc_t>
@@ -69,45 +75,41 @@ void forward_group(const GroupNormArgs<acc_t>& a, const scalar_t* x, scalar_t* y
   const int64_t cg = a.channels / a.groups, m = cg * a.spatial;
   const int64_t stride = kChannelsLast ? a.channels : 1;
   const int64_t spatial = a.spatial;
-  {
-    {
-      const int64_t n = i / a.groups, c0 = (i - n * a.groups) * cg;
-      const acc_t px = static_cast<acc_t>(x[offset(a, n, c0, 0)]);
-      const acc_t pa = a.add ? a.add[n * a.channels + c0] : acc_t(0);
-      acc_t sum = 0, sum_sq = 0;
-      for (int64_t c = c0; c < c0 + cg; ++c) {
-        const acc_t da = (a.add ? a.add[n * a.channels + c] : acc_t(0)) - pa;
-        const scalar_t* row = x + offset(a, n, c, 0);
+  const int64_t n = i / a.groups, c0 = (i - n * a.groups) * cg;
+  const acc_t px = static_cast<acc_t>(x[offset(a, n, c0, 0)]);
+  const acc_t pa = add_of(a, n, c0);
+  acc_t sum = 0, sum_sq = 0;
+  for (int64_t c = c0; c < c0 + cg; ++c) {
+    const acc_t da = add_of(a, n, c) - pa;
+    const scalar_t* row = x + offset(a, n, c, 0);
 #pragma omp simd reduction(+ : sum, sum_sq)
-        for (int64_t s = 0; s < spatial; ++s) {
-          const acc_t d = (static_cast<acc_t>(row[s * stride]) - px) + da;
-          sum += d;
-          sum_sq += d * d;
-        }
-      }
-      acc_t shift, rstd;
-      shifted_stats(sum, sum_sq, m, eps, shift, rstd);
-      shift_out[i] = shift;
-      rstd_out[i] = rstd;
-      const int64_t u0 = kDropout ? draw_uniforms(a, n, c0, cg, u) : 0;
-      for (int64_t c = c0; c < c0 + cg; ++c) {
-        // z = ((x - px) + (da - shift)) rstd w + b: x - px first, exact near the pivot (folding px into the bias
-        // would cancel two large products and lose the mean-1e3 precision)
-        const acc_t k = (a.add ? a.add[n * a.channels + c] : acc_t(0)) - pa - shift;
-        const acc_t w = a.weight[c] * rstd, b = a.bias[c];
-        const scalar_t* row = x + offset(a, n, c, 0);
-        scalar_t* out = y + offset(a, n, c, 0);
-        const float* uc = kDropout ? u.data() + u0 + (c - c0) * spatial : nullptr;
-        const acc_t scale = a.scale;
-        const float p = a.dropout;
+    for (int64_t s = 0; s < spatial; ++s) {
+      const acc_t d = (static_cast<acc_t>(row[s * stride]) - px) + da;
+      sum += d;
+      sum_sq += d * d;
+    }
+  }
+  acc_t shift, rstd;
+  shifted_stats(sum, sum_sq, m, eps, shift, rstd);
+  shift_out[i] = shift;
+  rstd_out[i] = rstd;
+  const int64_t u0 = kDropout ? draw_uniforms(a, n, c0, cg, u) : 0;
+  for (int64_t c = c0; c < c0 + cg; ++c) {
+    // z = ((x - px) + (da - shift)) rstd w + b: x - px first, exact near the pivot (folding px into the bias
+    // would cancel two large products and lose the mean-1e3 precision)
+    const acc_t k = add_of(a, n, c) - pa - shift;
+    const acc_t w = a.weight[c] * rstd, b = a.bias[c];
+    const scalar_t* row = x + offset(a, n, c, 0);
+    scalar_t* out = y + offset(a, n, c, 0);
+    const float* uc = kDropout ? u.data() + u0 + (c - c0) * spatial : nullptr;
+    const acc_t scale = a.scale;
+    const float p = a.dropout;
 #pragma omp simd
-        for (int64_t s = 0; s < spatial; ++s) {
-          acc_t v = ((static_cast<acc_t>(row[s * stride]) - px) + k) * w + b;
-          if constexpr (kAct) v = silu(v);
-          if constexpr (kDropout) v *= dropout_factor(uc[s], p, scale);
-          out[s * stride] = static_cast<scalar_t>(v);
-        }
-      }
+    for (int64_t s = 0; s < spatial; ++s) {
+      acc_t v = ((static_cast<acc_t>(row[s * stride]) - px) + k) * w + b;
+      if constexpr (kAct) v = silu(v);
+      if constexpr (kDropout) v *= dropout_factor(uc[s], p, scale);
+      out[s * stride] = static_cast<scalar_t>(v);
     }
   }
 }
@@ -133,61 +135,57 @@ void backward_group(const GroupNormArgs<acc_t>& a, const scalar_t* dy, const sca
   const int64_t cg = a.channels / a.groups, m = cg * a.spatial;
   const int64_t stride = kChannelsLast ? a.channels : 1;
   const int64_t spatial = a.spatial;
-  {
-    {
-      const int64_t n = i / a.groups, c0 = (i - n * a.groups) * cg;
-      const acc_t px = static_cast<acc_t>(x[offset(a, n, c0, 0)]);
-      const acc_t pa = a.add ? a.add[n * a.channels + c0] : acc_t(0);
-      const acc_t shift = shift_in[i], rstd = rstd_in[i];
-      const int64_t u0 = kDropout ? draw_uniforms(a, n, c0, cg, u) : 0;
-      const acc_t scale = a.scale;
-      const float p = a.dropout;
-      acc_t sum_g = 0, sum_gx = 0;
-      for (int64_t c = c0; c < c0 + cg; ++c) {  // pass 1: per-channel sums of dz and dz * xhat
-        const acc_t da = (a.add ? a.add[n * a.channels + c] : acc_t(0)) - pa;
-        const acc_t k = da - shift;  // xhat = ((x - px) + k) rstd, x - px first (exact near the pivot)
-        const acc_t w = a.weight[c], b = a.bias[c];
-        const scalar_t* xr = x + offset(a, n, c, 0);
-        const scalar_t* dyr = dy + offset(a, n, c, 0);
-        const float* uc = kDropout ? u.data() + u0 + (c - c0) * spatial : nullptr;
-        acc_t dw = 0, db = 0;
+  const int64_t n = i / a.groups, c0 = (i - n * a.groups) * cg;
+  const acc_t px = static_cast<acc_t>(x[offset(a, n, c0, 0)]);
+  const acc_t pa = add_of(a, n, c0);
+  const acc_t shift = shift_in[i], rstd = rstd_in[i];
+  const int64_t u0 = kDropout ? draw_uniforms(a, n, c0, cg, u) : 0;
+  const acc_t scale = a.scale;
+  const float p = a.dropout;
+  acc_t sum_g = 0, sum_gx = 0;
+  for (int64_t c = c0; c < c0 + cg; ++c) {  // pass 1: per-channel sums of dz and dz * xhat
+    const acc_t da = add_of(a, n, c) - pa;
+    const acc_t k = da - shift;  // xhat = ((x - px) + k) rstd, x - px first (exact near the pivot)
+    const acc_t w = a.weight[c], b = a.bias[c];
+    const scalar_t* xr = x + offset(a, n, c, 0);
+    const scalar_t* dyr = dy + offset(a, n, c, 0);
+    const float* uc = kDropout ? u.data() + u0 + (c - c0) * spatial : nullptr;
+    acc_t dw = 0, db = 0;
 #pragma omp simd reduction(+ : dw, db)
-        for (int64_t s = 0; s < spatial; ++s) {
-          const acc_t xhat = ((static_cast<acc_t>(xr[s * stride]) - px) + k) * rstd;
-          acc_t dz = static_cast<acc_t>(dyr[s * stride]);
-          if constexpr (kDropout) dz *= dropout_factor(uc[s], p, scale);
-          if constexpr (kAct) dz *= silu_grad(xhat * w + b);
-          dw += dz * xhat;
-          db += dz;
-        }
-        dw_nc[n * a.channels + c] = dw;
-        db_nc[n * a.channels + c] = db;
-        sum_g += db * w;
-        sum_gx += dw * w;
-      }
-      const acc_t mean_g = sum_g / static_cast<acc_t>(m), mean_gx = sum_gx / static_cast<acc_t>(m);
-      for (int64_t c = c0; c < c0 + cg; ++c) {  // pass 2: dx and its per-channel sum
-        const acc_t da = (a.add ? a.add[n * a.channels + c] : acc_t(0)) - pa;
-        const acc_t k = da - shift;
-        const acc_t w = a.weight[c], b = a.bias[c];
-        const scalar_t* xr = x + offset(a, n, c, 0);
-        const scalar_t* dyr = dy + offset(a, n, c, 0);
-        scalar_t* dxr = dx + offset(a, n, c, 0);
-        const float* uc = kDropout ? u.data() + u0 + (c - c0) * spatial : nullptr;
-        acc_t dadd_c = 0;
-#pragma omp simd reduction(+ : dadd_c)
-        for (int64_t s = 0; s < spatial; ++s) {
-          const acc_t xhat = ((static_cast<acc_t>(xr[s * stride]) - px) + k) * rstd;
-          acc_t dz = static_cast<acc_t>(dyr[s * stride]);
-          if constexpr (kDropout) dz *= dropout_factor(uc[s], p, scale);
-          if constexpr (kAct) dz *= silu_grad(xhat * w + b);
-          const acc_t d = rstd * (dz * w - mean_g - xhat * mean_gx);
-          dxr[s * stride] = static_cast<scalar_t>(d);
-          dadd_c += d;
-        }
-        if (dadd != nullptr) dadd[n * a.channels + c] = dadd_c;
-      }
+    for (int64_t s = 0; s < spatial; ++s) {
+      const acc_t xhat = ((static_cast<acc_t>(xr[s * stride]) - px) + k) * rstd;
+      acc_t dz = static_cast<acc_t>(dyr[s * stride]);
+      if constexpr (kDropout) dz *= dropout_factor(uc[s], p, scale);
+      if constexpr (kAct) dz *= silu_grad(xhat * w + b);
+      dw += dz * xhat;
+      db += dz;
     }
+    dw_nc[n * a.channels + c] = dw;
+    db_nc[n * a.channels + c] = db;
+    sum_g += db * w;
+    sum_gx += dw * w;
+  }
+  const acc_t mean_g = sum_g / static_cast<acc_t>(m), mean_gx = sum_gx / static_cast<acc_t>(m);
+  for (int64_t c = c0; c < c0 + cg; ++c) {  // pass 2: dx and its per-channel sum
+    const acc_t da = add_of(a, n, c) - pa;
+    const acc_t k = da - shift;
+    const acc_t w = a.weight[c], b = a.bias[c];
+    const scalar_t* xr = x + offset(a, n, c, 0);
+    const scalar_t* dyr = dy + offset(a, n, c, 0);
+    scalar_t* dxr = dx + offset(a, n, c, 0);
+    const float* uc = kDropout ? u.data() + u0 + (c - c0) * spatial : nullptr;
+    acc_t dadd_c = 0;
+#pragma omp simd reduction(+ : dadd_c)
+    for (int64_t s = 0; s < spatial; ++s) {
+      const acc_t xhat = ((static_cast<acc_t>(xr[s * stride]) - px) + k) * rstd;
+      acc_t dz = static_cast<acc_t>(dyr[s * stride]);
+      if constexpr (kDropout) dz *= dropout_factor(uc[s], p, scale);
+      if constexpr (kAct) dz *= silu_grad(xhat * w + b);
+      const acc_t d = rstd * (dz * w - mean_g - xhat * mean_gx);
+      dxr[s * stride] = static_cast<scalar_t>(d);
+      dadd_c += d;
+    }
+    if (dadd != nullptr) dadd[n * a.channels + c] = dadd_c;
   }
 }
 
@@ -269,10 +267,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_norm_silu_backw
       });
     });
   }
-  // the sums over samples in a fixed order (a (N, C) -> (C,) reduction on one thread per column block)
-  at::Tensor dweight = dw_nc.sum(0).to(weight.scalar_type());
-  at::Tensor dbias = db_nc.sum(0).to(bias.scalar_type());
-  at::Tensor dadd_out = dadd.defined() ? dadd.to(add->scalar_type()) : at::empty({0}, x_in.options());
+  const auto [dweight, dbias, dadd_out] = group_norm_parameter_grads(dw_nc, db_nc, dadd, weight, bias, add, x_in);
   return {dx, dweight, dbias, dadd_out};
 }
 

@@ -198,10 +198,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_norm_silu_backw
         sc.data_ptr<float>(), rc.data_ptr<float>(), dx.data_ptr(), dw_nc.data_ptr<float>(), db_nc.data_ptr<float>(),
         dadd.defined() ? dadd.data_ptr<float>() : nullptr, c10::cuda::getCurrentCUDAStream()));
   }
-  // the sums over samples as the CPU's: a fixed-order (N, C) -> (C,) reduction, then the parameters' dtypes
-  at::Tensor dweight = dw_nc.sum(0).to(weight.scalar_type());
-  at::Tensor dbias = db_nc.sum(0).to(bias.scalar_type());
-  at::Tensor dadd_out = dadd.defined() ? dadd.to(add->scalar_type()) : at::empty({0}, x_in.options());
+  const auto [dweight, dbias, dadd_out] = group_norm_parameter_grads(dw_nc, db_nc, dadd, weight, bias, add, x_in);
   return {dx, dweight, dbias, dadd_out};
 }
 
