@@ -17,17 +17,13 @@ import pytest
 import torch
 
 import ddpm_fast
-from benchutil import DEVICE, GPU, sync
+from benchutil import DEVICE, GPU, shape_name, sync, timed
 from ddpm_fast.ops import diffusion_step, philox
 
 SIZES = [(64, 3, 32, 32), (256, 3, 64, 64)]
 SMALL = SIZES[0]
 T_STEP = 500  # every sample at t = 500: all noisy, the usual case of the loop
 SEED = 0
-
-
-def _name(size):
-    return "x".join(map(str, size))
 
 
 def _backends(size):
@@ -158,25 +154,10 @@ OPS = {
         bytes=20),
 }
 BACKENDS = ["cpp", "triton", "reference"]
-SIZE_IDS = [_name(s) for s in SIZES]
+SIZE_IDS = [shape_name(s) for s in SIZES]
 # max_time 0.5 s a bench gives enough rounds for a median and keeps the file within ~3 minutes on 2 CPU cores
 per_op = pytest.mark.parametrize("op", list(OPS))
 per_size = pytest.mark.parametrize("size", SIZES, ids=SIZE_IDS)
-
-
-def _time(benchmark, group, run, role, nbytes=None, backend=None):
-    """Times run() with the device synchronised; marks its role for the summary in bench/conftest.py."""
-    def timed():
-        run()
-        sync()
-
-    benchmark.group = group
-    benchmark.extra_info["role"] = role
-    if backend is not None:
-        benchmark.extra_info["backend"] = backend
-    if nbytes is not None:
-        benchmark.extra_info["bytes"] = nbytes
-    benchmark(timed)
 
 
 def _warm(run, times=1):
@@ -209,7 +190,7 @@ def bench_eager(benchmark, op, size):
     spec, inp = OPS[op], inputs(size)
     run = spec["call"](spec["baseline"], inp)
     _warm(run)
-    _time(benchmark, f"{op} {_name(size)}", run, "eager")
+    timed(benchmark, f"{op} {shape_name(size)}", run, "eager")
 
 
 @pytest.mark.benchmark(max_time=0.5)
@@ -221,7 +202,7 @@ def bench_compiled(benchmark, compiled, op, size):
     spec, inp = OPS[op], inputs(size)
     run = spec["call"](compiled(spec["baseline"], size), inp)
     _warm(run, 2)
-    _time(benchmark, f"{op} {_name(size)}", run, "compiled")
+    timed(benchmark, f"{op} {shape_name(size)}", run, "compiled")
 
 
 @pytest.mark.benchmark(max_time=0.5)
@@ -230,11 +211,11 @@ def bench_compiled(benchmark, compiled, op, size):
 @per_op
 def bench_ours(benchmark, op, size, backend):
     if backend not in _backends(size):
-        pytest.skip(f"backend {backend!r} is not timed at {_name(size)} on {DEVICE.type} (see _backends)")
+        pytest.skip(f"backend {backend!r} is not timed at {shape_name(size)} on {DEVICE.type} (see _backends)")
     spec, inp = OPS[op], inputs(size)
     run = spec["ours"](inp, backend)
     _warm(run)
-    _time(benchmark, f"{op} {_name(size)}", run, "ours", nbytes=spec["bytes"] * inp.x.numel(), backend=backend)
+    timed(benchmark, f"{op} {shape_name(size)}", run, "ours", nbytes=spec["bytes"] * inp.x.numel(), backend=backend)
 
 
 @pytest.mark.benchmark(max_time=0.5)
@@ -243,7 +224,7 @@ def bench_ours(benchmark, op, size, backend):
 def bench_copy(benchmark, op, size):
     """The memory floor: dst.copy_(src) of one tensor of the size, 8 B/element (read + write)."""
     inp = inputs(size)
-    _time(benchmark, f"{op} {_name(size)}", lambda: inp.dst.copy_(inp.x), "copy", nbytes=8 * inp.x.numel())
+    timed(benchmark, f"{op} {shape_name(size)}", lambda: inp.dst.copy_(inp.x), "copy", nbytes=8 * inp.x.numel())
 
 
 # ------------------------------------------------------------------------------------------------ eps: redraw or store
@@ -266,7 +247,7 @@ def bench_eps_redraw(benchmark, size, backend):
         philox.randn(inp.index, inp.counter2, size[1:], seed=SEED, stream=philox.STREAM_TRAIN_EPS, backend=backend)
 
     _warm(run)
-    _time(benchmark, EPS_GROUP.format(_name(size)), run, "redraw", nbytes=4 * inp.x.numel(), backend=backend)
+    timed(benchmark, EPS_GROUP.format(shape_name(size)), run, "redraw", nbytes=4 * inp.x.numel(), backend=backend)
 
 
 @pytest.mark.benchmark(max_time=0.5)
@@ -279,11 +260,11 @@ def bench_eps_stored_loss(benchmark, size, backend):
         diffusion_step.simple_loss(inp.eps_pred, inp.eps, backend=backend)
 
     _warm(run)
-    _time(benchmark, EPS_GROUP.format(_name(size)), run, "stored", nbytes=8 * inp.x.numel(), backend=backend)
+    timed(benchmark, EPS_GROUP.format(shape_name(size)), run, "stored", nbytes=8 * inp.x.numel(), backend=backend)
 
 
 @pytest.mark.benchmark(max_time=0.5)
 @per_size
 def bench_eps_copy(benchmark, size):
     inp = inputs(size)
-    _time(benchmark, EPS_GROUP.format(_name(size)), lambda: inp.dst.copy_(inp.x), "copy", nbytes=8 * inp.x.numel())
+    timed(benchmark, EPS_GROUP.format(shape_name(size)), lambda: inp.dst.copy_(inp.x), "copy", nbytes=8 * inp.x.numel())

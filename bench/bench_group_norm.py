@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 import ddpm_fast
-from benchutil import DEVICE, GPU, sync
+from benchutil import DEVICE, GPU, shape_name, sync, timed
 from ddpm_fast.ops import _registry, use_backend
 from ddpm_fast.ops import group_norm as group_norm_ops
 from ddpm_fast.ops.group_norm import group_norm_silu
@@ -41,10 +41,6 @@ GROUPS, EPS = 32, 1e-6
 SHAPES = [(64, 128, 32, 32), (64, 256, 16, 16), (64, 384, 16, 16), (64, 512, 8, 8)]
 SMALLEST = min(SHAPES, key=lambda s: torch.Size(s).numel())
 BACKENDS = ["cpp", "triton"]
-
-
-def _name(shape):
-    return "x".join(map(str, shape))
 
 
 # ---------------------------------------------------------------------------------------------------- baseline
@@ -121,11 +117,11 @@ MODES = {
     "group_norm_silu+backward": dict(run=_forward_backward, bytes=28),
 }
 per_mode = pytest.mark.parametrize("mode", list(MODES))
-per_shape = pytest.mark.parametrize("shape", SHAPES, ids=[_name(s) for s in SHAPES])
+per_shape = pytest.mark.parametrize("shape", SHAPES, ids=[shape_name(s) for s in SHAPES])
 
 
 def _group(mode, shape):
-    return f"{mode} {_name(shape)}"
+    return f"{mode} {shape_name(shape)}"
 
 
 def _unavailable(backend):
@@ -140,21 +136,6 @@ def _unavailable(backend):
             "ddpm_fast::group_norm_silu", "CUDA"):
         return "ddpm_fast._C has no CUDA kernel of group_norm_silu"
     return None
-
-
-def _time(benchmark, group, run, role, nbytes=None, backend=None):
-    """Times run() with the device synchronised; marks its role for the summary in bench/conftest.py."""
-    def timed():
-        run()
-        sync()
-
-    benchmark.group = group
-    benchmark.extra_info["role"] = role
-    if backend is not None:
-        benchmark.extra_info["backend"] = backend
-    if nbytes is not None:
-        benchmark.extra_info["bytes"] = nbytes
-    benchmark(timed)
 
 
 def _warm(benchmark, run, times=1, compiles=False):
@@ -190,7 +171,7 @@ def compiled():
 def bench_eager(benchmark, mode, shape):
     run = MODES[mode]["run"](eager_group_norm_silu, inputs(shape))
     _warm(benchmark, run)
-    _time(benchmark, _group(mode, shape), run, "eager")
+    timed(benchmark, _group(mode, shape), run, "eager")
 
 
 @pytest.mark.benchmark(max_time=0.5)
@@ -204,7 +185,7 @@ def bench_compiled(benchmark, compiled, mode, shape):
     _warm(benchmark, run, 2, compiles=True)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > graphs, \
         "torch.compile made no new graph for this shape (recompile limit reached?): it would time eager"
-    _time(benchmark, _group(mode, shape), run, "compiled")
+    timed(benchmark, _group(mode, shape), run, "compiled")
 
 
 @pytest.mark.benchmark(max_time=0.5)
@@ -218,7 +199,7 @@ def bench_ours(benchmark, mode, shape, backend):
     inp = inputs(shape)
     run = MODES[mode]["run"](ours(backend), inp)
     _warm(benchmark, run)
-    _time(benchmark, _group(mode, shape), run, "ours", nbytes=MODES[mode]["bytes"] * inp.x.numel(), backend=backend)
+    timed(benchmark, _group(mode, shape), run, "ours", nbytes=MODES[mode]["bytes"] * inp.x.numel(), backend=backend)
 
 
 @pytest.mark.benchmark(max_time=0.5)
@@ -227,7 +208,7 @@ def bench_ours(benchmark, mode, shape, backend):
 def bench_copy(benchmark, mode, shape):
     """The memory floor: dst.copy_(src) of one tensor of the shape, 8 B/element (read + write)."""
     inp = inputs(shape)
-    _time(benchmark, _group(mode, shape), lambda: inp.dst.copy_(inp.x), "copy", nbytes=8 * inp.x.numel())
+    timed(benchmark, _group(mode, shape), lambda: inp.dst.copy_(inp.x), "copy", nbytes=8 * inp.x.numel())
 
 
 # ---------------------------------------------------------------------------------------------------- U-Net forward

@@ -9,3 +9,24 @@ DEVICE = torch.device("cuda" if GPU else "cpu")
 def sync():
     if GPU:
         torch.cuda.synchronize()
+
+
+def shape_name(shape) -> str:
+    """(64, 3, 32, 32) -> "64x3x32x32", for groups and ids."""
+    return "x".join(map(str, shape))
+
+
+def timed(benchmark, group, run, role, nbytes=None, backend=None):
+    """Times run() with the device synchronised; marks its role ("eager", "compiled", "copy" or ours) and the bytes
+    it must move for the GB/s summary in bench/conftest.py."""
+    def run_synced():
+        run()
+        sync()
+
+    benchmark.group = group
+    benchmark.extra_info["role"] = role
+    if backend is not None:
+        benchmark.extra_info["backend"] = backend
+    if nbytes is not None:
+        benchmark.extra_info["bytes"] = nbytes
+    benchmark(run_synced)
