@@ -93,7 +93,8 @@ sources = ["csrc/ops.cpp"] + sorted(str(p.relative_to(ROOT)) for p in (ROOT / "c
 # Stringified in ops.cpp: the torch this _C belongs to, checked at import.
 macros = [("DDPM_FAST_TORCH_VERSION", torch.__version__)]
 # -fno-math-errno lets sqrt vectorize; -ffp-contract=off keeps the AVX-512/AVX2/baseline versions and the eager
-# reference bit-identical (no FMA contraction). torch adds the -std its headers need.
+# reference bit-identical (no FMA contraction; csrc/cpu/group_norm.cpp turns it back on for itself). torch adds the
+# -std its headers need.
 cxx_flags = ["-O3", "-g0", "-fopenmp", "-fno-math-errno", "-ffp-contract=off"]
 include_dirs = [str(ROOT / "csrc" / "include")]
 if build_cuda:

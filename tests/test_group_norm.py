@@ -11,7 +11,7 @@ import ddpm_fast
 from ddpm_fast.ops import group_norm as gn
 from ddpm_fast.ops import use_backend
 from ddpm_fast.ops.philox import STREAM_DROPOUT
-from helpers import relative_error
+from helpers import cpu_isas, relative_error, run_with_cpu_isa
 from test_unet import randomize_
 
 FUSED = ["cpp", "triton"]
@@ -144,6 +144,52 @@ def test_backward_is_deterministic():
         runs.append([leaf.grad for leaf in leaves])
     for other in runs[1:]:
         assert all(torch.equal(a, b) for a, b in zip(runs[0], other))
+
+
+# Forward and gradients of the C++ op on float32 contiguous x, written to argv[1]: rows of 81 (a 64-element block, a
+# vector and a one-element tail), 21, 64 and 1 positions, with and without add, SiLU and dropout.
+ISA_PROBE = """
+import sys, torch
+from ddpm_fast.ops import group_norm as gn
+out = {}
+for k, (shape, groups) in enumerate([((2, 8, 9, 9), 4), ((3, 6, 3, 7), 3), ((2, 64, 8, 8), 32), ((1, 4, 1, 1), 4)]):
+    g = torch.Generator().manual_seed(k)
+    x, grad_y = 3 * torch.randn(shape, generator=g) + 0.5, torch.randn(shape, generator=g)
+    w, b, add = 1 + 0.5 * torch.randn(shape[1], generator=g), torch.randn(shape[1], generator=g), torch.randn(shape[:2], generator=g)
+    for act, dropout in [(True, 0.0), (False, 0.0), (True, 0.3)]:
+        leaves = [t.clone().requires_grad_() for t in (x, w, b, add)]
+        y = gn.group_norm_silu(*leaves[:3], groups, 1e-6, add=leaves[3], act=act, dropout=dropout, seed=5, layer=1,
+                               backend="cpp")
+        y.backward(grad_y)
+        out[(k, act, dropout)] = [t.detach() for t in (y, *(leaf.grad for leaf in leaves))] + [x, w, b, add, grad_y]
+torch.save(out, sys.argv[1])
+"""
+
+
+def test_every_cpu_instruction_set_equals_the_reference(tmp_path):
+    """float32 contiguous x runs the AVX-512 kernels (group_norm_avx512.cpp) where the CPU has AVX-512, the portable
+    kernels otherwise ($DDPM_FAST_CPU_ISA=portable forces them; avx2 runs the portable kernels' AVX2 clone): each
+    against the float64 reference, forward and gradients, and the same dropout mask."""
+    results = {}
+    for isa in cpu_isas():
+        done = run_with_cpu_isa(isa, ISA_PROBE, str(tmp_path / f"{isa}.pt"))
+        assert done.returncode == 0, done.stderr[-2000:]
+        results[isa] = torch.load(tmp_path / f"{isa}.pt")
+    groups_of = {0: 4, 1: 3, 2: 32, 3: 4}
+    for isa, result in results.items():
+        for (k, act, dropout), (y, *grads_and_inputs) in result.items():
+            grads, (x, w, b, add, grad_y) = grads_and_inputs[:4], grads_and_inputs[4:]
+            leaves = [t.double().requires_grad_() for t in (x, w, b, add)]
+            want = reference(*leaves[:3], groups_of[k], leaves[3], act, dropout, seed=5, layer=1)
+            want.backward(grad_y.double())
+            assert relative_error(y, want) < 1e-5, (isa, k, act, dropout)
+            assert torch.equal(y == 0, want == 0) or not dropout, (isa, k)  # the same mask
+            for name, got, leaf in zip(["x", "weight", "bias", "add"], grads, leaves):
+                if leaf.grad.abs().max() > 1e-9:
+                    assert relative_error(got, leaf.grad) < 1e-4, (isa, k, act, dropout, name)
+                else:  # one element per group: dx, dadd are 0 up to rounding times rstd = 1 / sqrt(eps) = 1e3
+                    assert got.abs().max() < 1e-4, (isa, k, act, dropout, name)
+    assert len(results) >= 2
 
 
 # ---------------------------------------------------------------------------------------------------- dropout

@@ -1,11 +1,13 @@
 """The Philox noise: known answers, exact agreement of every backend with the reference, the DESIGN.md layout,
 batch-split invariance, the statistics of the normals, and bad input."""
 import math
+import sys
 
 import pytest
 import torch
 
 from ddpm_fast.ops import BACKENDS, philox, use_backend
+from helpers import cpu_isas, run_with_cpu_isa
 
 # Random123's known-answer vectors for philox4x32 with 10 rounds: (counter, key) -> output words
 KAT = [
@@ -152,16 +154,9 @@ print(hashlib.sha256(normals.numpy().tobytes() + step.numpy().tobytes()).hexdige
 def test_every_cpu_instruction_set_gives_the_same_bits():
     """The C++ normals come from AVX-512, AVX2 or portable code, whichever the CPU runs ($DDPM_FAST_CPU_ISA forces
     one): no FMA contraction and no select-dependent rounding, so all three give identical bits."""
-    import subprocess
-    import sys
-
-    flags = open("/proc/cpuinfo").read() if sys.platform == "linux" else ""
     digests = {}
-    for isa in ("portable", "avx2", "avx512"):
-        if isa != "portable" and f" {isa.replace('avx512', 'avx512f')} " not in flags.replace("\n", " "):
-            continue  # the CPU lacks it; the test still compares what it has
-        done = subprocess.run([sys.executable, "-c", CPU_ISA_PROBE], capture_output=True, text=True, cwd="/",
-                              env={**__import__("os").environ, "DDPM_FAST_CPU_ISA": isa})
+    for isa in cpu_isas():
+        done = run_with_cpu_isa(isa, CPU_ISA_PROBE)
         assert done.returncode == 0, done.stderr[-2000:]
         digests[isa] = done.stdout.strip()
     assert len(digests) >= 2 or sys.platform != "linux"
@@ -169,10 +164,5 @@ def test_every_cpu_instruction_set_gives_the_same_bits():
 
 
 def test_an_unknown_cpu_instruction_set_is_refused():
-    import os
-    import subprocess
-    import sys
-
-    done = subprocess.run([sys.executable, "-c", CPU_ISA_PROBE], capture_output=True, text=True, cwd="/",
-                          env={**os.environ, "DDPM_FAST_CPU_ISA": "sse9"})
+    done = run_with_cpu_isa("sse9", CPU_ISA_PROBE)
     assert done.returncode != 0 and "DDPM_FAST_CPU_ISA must be portable, avx2 or avx512, got 'sse9'" in done.stderr

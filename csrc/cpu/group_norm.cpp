@@ -1,7 +1,12 @@
 // CPU kernels of the fused GroupNorm (+ per-(n, c) add, SiLU, dropout): forward and backward, one task per
 // (sample, group), two passes over the group each way (statistics, then the output), deterministic. Per-element
 // math: csrc/include/ddpm_fast/group_norm.h (shared with CUDA). The dropout mask is regenerated from Philox stream 4
-// in the backward, never stored.
+// in the backward, never stored. These portable kernels serve every dtype and layout; float32 contiguous x goes to
+// group_norm_avx512.cpp where the CPU has AVX-512.
+// FMA contraction here (setup.py turns it off for the noise kernels, whose bits must not depend on the instruction
+// set): SiLU's exp polynomial is half the instructions with it. GroupNorm's results already depend on the vector
+// width through the order of its sums.
+#pragma GCC optimize("fp-contract=fast")
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -13,46 +18,22 @@
 
 #include "../common/tensor_checks.h"
 #include "ddpm_fast/group_norm.h"
-#include "philox_cpu.h"
+#include "cpu_isa.h"
+#include "group_norm_cpu.h"
 
 namespace ddpm_fast {
 namespace {
 
-// What every pass needs of one op call.
-template <typename acc_t>
-struct GroupNormArgs {
-  int64_t channels, groups, spatial;  // C, G, S = H * W (the product of the trailing dims)
-  bool channels_last, act;
-  const acc_t *weight, *bias, *add;   // (C,), (C,), (N, C) or null; all in the accumulation dtype
-  float dropout;                      // p; 0 = no mask
-  acc_t scale;                        // 1 / (1 - p)
-  const int64_t *sample_index, *counter2;
-  uint64_t seed;
-  uint32_t c3;
-};
+using cpu::add_of;
+using cpu::draw_uniforms;
+using cpu::GroupNormArgs;
+using cpu::offset;
 
-template <typename acc_t>
-int64_t offset(const GroupNormArgs<acc_t>& a, int64_t n, int64_t c, int64_t s) {
-  const int64_t base = n * a.channels * a.spatial;
-  return a.channels_last ? base + s * a.channels + c : base + c * a.spatial + s;
-}
-
-// add[n, c] of the op (0 without one): the per-(sample, channel) vector added before the statistics.
-template <typename acc_t>
-inline acc_t add_of(const GroupNormArgs<acc_t>& a, int64_t n, int64_t c) {
-  return a.add != nullptr ? a.add[n * a.channels + c] : acc_t(0);
-}
-
-// The dropout uniforms of logical elements [c0 * S, (c0 + cg) * S) of sample n (logical order: channel-major), into
-// u; returns the index in u of element c0 * S (counters start on multiples of four).
-template <typename acc_t>
-int64_t draw_uniforms(const GroupNormArgs<acc_t>& a, int64_t n, int64_t c0, int64_t cg, std::vector<float>& u) {
-  const int64_t first = c0 * a.spatial, last = (c0 + cg) * a.spatial;
-  const int64_t q0 = first / 4, quads = (last + 3) / 4 - q0;
-  u.resize(4 * quads);
-  cpu::philox_uniforms(a.seed, static_cast<uint32_t>(q0), quads, static_cast<uint32_t>(a.sample_index[n]),
-                       static_cast<uint32_t>(a.counter2[n]), a.c3, u.data());
-  return first - 4 * q0;
+// The AVX-512 kernels (group_norm_avx512.cpp) take float32 contiguous x where the CPU has AVX-512, unless
+// $DDPM_FAST_CPU_ISA asks for another instruction set.
+template <typename scalar_t, bool kChannelsLast>
+bool use_avx512() {
+  return std::is_same_v<scalar_t, float> && !kChannelsLast && cpu::cpu_isa() == cpu::Isa::avx512;
 }
 
 // The kernels are instantiated per (SiLU, dropout, channels_last) so that their inner loops carry no branch and
@@ -66,10 +47,10 @@ void with_flags(bool act, bool dropout, bool channels_last, const F& f) {
   act ? middle(std::true_type{}) : middle(std::false_type{});
 }
 
-// One (sample, group): statistics, then the output. Compiled for AVX-512, AVX2 and the baseline, picked at load time
-// (SiLU's exp is most of the work; -ffp-contract=off keeps the three bit-identical).
+// One (sample, group): statistics, then the output. Compiled for AVX-512, AVX2 with FMA and the baseline, picked at
+// load time.
 template <typename scalar_t, typename acc_t, bool kAct, bool kDropout, bool kChannelsLast>
-__attribute__((target_clones("avx512f", "avx2", "default")))
+__attribute__((target_clones("avx512f", "arch=haswell", "default")))
 void forward_group(const GroupNormArgs<acc_t>& a, const scalar_t* x, scalar_t* y, acc_t* shift_out, acc_t* rstd_out,
                    int64_t i, acc_t eps, std::vector<float>& u) {
   const int64_t cg = a.channels / a.groups, m = cg * a.spatial;
@@ -117,21 +98,30 @@ void forward_group(const GroupNormArgs<acc_t>& a, const scalar_t* x, scalar_t* y
 template <typename scalar_t, typename acc_t, bool kAct, bool kDropout, bool kChannelsLast>
 void group_norm_forward_kernel(const GroupNormArgs<acc_t>& a, const scalar_t* x, scalar_t* y, acc_t* shift_out,
                                acc_t* rstd_out, int64_t batch, acc_t eps) {
+  const bool avx512 = use_avx512<scalar_t, kChannelsLast>();
   at::parallel_for(0, batch * a.groups, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> u;
-    for (int64_t i = begin; i < end; ++i)
+    for (int64_t i = begin; i < end; ++i) {
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        if (avx512) {
+          cpu::forward_group_avx512<kAct, kDropout>(a, x, y, shift_out, rstd_out, i, batch * a.groups, eps, u);
+          continue;
+        }
+      }
       forward_group<scalar_t, acc_t, kAct, kDropout, kChannelsLast>(a, x, y, shift_out, rstd_out, i, eps, u);
+    }
   });
 }
 
 // dz = dy * dropout * act'(z); with xhat = (d - shift) rstd and g = dz w:
 // dx = rstd (g - mean(g) - xhat mean(g xhat)) over the group; dw = sum dz xhat, db = sum dz over (n, spatial);
 // dadd[n, c] = sum over spatial of dx. Per-(n, c) partials of dw, db, summed over n in order afterwards.
+// Pass 1 keeps dz (in the group's logical order) for pass 2: one exp per element and one read of dy.
 template <typename scalar_t, typename acc_t, bool kAct, bool kDropout, bool kChannelsLast>
-__attribute__((target_clones("avx512f", "avx2", "default")))
+__attribute__((target_clones("avx512f", "arch=haswell", "default")))
 void backward_group(const GroupNormArgs<acc_t>& a, const scalar_t* dy, const scalar_t* x, const acc_t* shift_in,
                     const acc_t* rstd_in, scalar_t* dx, acc_t* dw_nc, acc_t* db_nc, acc_t* dadd, int64_t i,
-                    std::vector<float>& u) {
+                    std::vector<float>& u, std::vector<acc_t>& dz) {
   const int64_t cg = a.channels / a.groups, m = cg * a.spatial;
   const int64_t stride = kChannelsLast ? a.channels : 1;
   const int64_t spatial = a.spatial;
@@ -142,23 +132,25 @@ void backward_group(const GroupNormArgs<acc_t>& a, const scalar_t* dy, const sca
   const int64_t u0 = kDropout ? draw_uniforms(a, n, c0, cg, u) : 0;
   const acc_t scale = a.scale;
   const float p = a.dropout;
+  dz.resize(m);
   acc_t sum_g = 0, sum_gx = 0;
-  for (int64_t c = c0; c < c0 + cg; ++c) {  // pass 1: per-channel sums of dz and dz * xhat
-    const acc_t da = add_of(a, n, c) - pa;
-    const acc_t k = da - shift;  // xhat = ((x - px) + k) rstd, x - px first (exact near the pivot)
+  for (int64_t c = c0; c < c0 + cg; ++c) {  // pass 1: dz, and per-channel sums of dz and dz * xhat
+    const acc_t k = add_of(a, n, c) - pa - shift;  // xhat = ((x - px) + k) rstd, x - px first (exact near the pivot)
     const acc_t w = a.weight[c], b = a.bias[c];
     const scalar_t* xr = x + offset(a, n, c, 0);
     const scalar_t* dyr = dy + offset(a, n, c, 0);
     const float* uc = kDropout ? u.data() + u0 + (c - c0) * spatial : nullptr;
+    acc_t* dzr = dz.data() + (c - c0) * spatial;
     acc_t dw = 0, db = 0;
 #pragma omp simd reduction(+ : dw, db)
     for (int64_t s = 0; s < spatial; ++s) {
       const acc_t xhat = ((static_cast<acc_t>(xr[s * stride]) - px) + k) * rstd;
-      acc_t dz = static_cast<acc_t>(dyr[s * stride]);
-      if constexpr (kDropout) dz *= dropout_factor(uc[s], p, scale);
-      if constexpr (kAct) dz *= silu_grad(xhat * w + b);
-      dw += dz * xhat;
-      db += dz;
+      acc_t g = static_cast<acc_t>(dyr[s * stride]);
+      if constexpr (kDropout) g *= dropout_factor(uc[s], p, scale);
+      if constexpr (kAct) g *= silu_grad(xhat * w + b);
+      dzr[s] = g;
+      dw += g * xhat;
+      db += g;
     }
     dw_nc[n * a.channels + c] = dw;
     db_nc[n * a.channels + c] = db;
@@ -167,21 +159,16 @@ void backward_group(const GroupNormArgs<acc_t>& a, const scalar_t* dy, const sca
   }
   const acc_t mean_g = sum_g / static_cast<acc_t>(m), mean_gx = sum_gx / static_cast<acc_t>(m);
   for (int64_t c = c0; c < c0 + cg; ++c) {  // pass 2: dx and its per-channel sum
-    const acc_t da = add_of(a, n, c) - pa;
-    const acc_t k = da - shift;
-    const acc_t w = a.weight[c], b = a.bias[c];
+    const acc_t k = add_of(a, n, c) - pa - shift;
+    const acc_t w = a.weight[c];
     const scalar_t* xr = x + offset(a, n, c, 0);
-    const scalar_t* dyr = dy + offset(a, n, c, 0);
+    const acc_t* dzr = dz.data() + (c - c0) * spatial;
     scalar_t* dxr = dx + offset(a, n, c, 0);
-    const float* uc = kDropout ? u.data() + u0 + (c - c0) * spatial : nullptr;
     acc_t dadd_c = 0;
 #pragma omp simd reduction(+ : dadd_c)
     for (int64_t s = 0; s < spatial; ++s) {
       const acc_t xhat = ((static_cast<acc_t>(xr[s * stride]) - px) + k) * rstd;
-      acc_t dz = static_cast<acc_t>(dyr[s * stride]);
-      if constexpr (kDropout) dz *= dropout_factor(uc[s], p, scale);
-      if constexpr (kAct) dz *= silu_grad(xhat * w + b);
-      const acc_t d = rstd * (dz * w - mean_g - xhat * mean_gx);
+      const acc_t d = rstd * (dzr[s] * w - mean_g - xhat * mean_gx);
       dxr[s * stride] = static_cast<scalar_t>(d);
       dadd_c += d;
     }
@@ -193,11 +180,20 @@ template <typename scalar_t, typename acc_t, bool kAct, bool kDropout, bool kCha
 void group_norm_backward_kernel(const GroupNormArgs<acc_t>& a, const scalar_t* dy, const scalar_t* x,
                                 const acc_t* shift_in, const acc_t* rstd_in, scalar_t* dx, acc_t* dw_nc, acc_t* db_nc,
                                 acc_t* dadd, int64_t batch) {
+  const bool avx512 = use_avx512<scalar_t, kChannelsLast>();
   at::parallel_for(0, batch * a.groups, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> u;
-    for (int64_t i = begin; i < end; ++i)
+    std::vector<acc_t> dz;
+    for (int64_t i = begin; i < end; ++i) {
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        if (avx512) {
+          cpu::backward_group_avx512<kAct, kDropout>(a, dy, x, shift_in, rstd_in, dx, dw_nc, db_nc, dadd, i, u, dz);
+          continue;
+        }
+      }
       backward_group<scalar_t, acc_t, kAct, kDropout, kChannelsLast>(a, dy, x, shift_in, rstd_in, dx, dw_nc, db_nc,
-                                                                      dadd, i, u);
+                                                                      dadd, i, u, dz);
+    }
   });
 }
 

@@ -9,10 +9,9 @@
 #include <immintrin.h>
 
 #include <algorithm>
-#include <cstdlib>
-#include <cstring>
 
 #include "ddpm_fast/philox.h"
+#include "cpu_isa.h"
 #include "philox_cpu.h"
 
 namespace ddpm_fast {
@@ -151,22 +150,13 @@ struct Blocks {
   BlockFn normals, uniforms;
 };
 
-// The best blocks this CPU runs, or the ones $DDPM_FAST_CPU_ISA names (portable, avx2, avx512: for tests).
+// The blocks of the instruction set cpu_isa() picks (the CPU's best, or $DDPM_FAST_CPU_ISA's).
 Blocks pick_blocks() {
-  __builtin_cpu_init();
-  const bool avx512 = __builtin_cpu_supports("avx512f"), avx2 = __builtin_cpu_supports("avx2");
-  const char* forced = std::getenv("DDPM_FAST_CPU_ISA");
-  if (forced != nullptr && *forced != '\0') {
-    if (std::strcmp(forced, "portable") == 0) return {normals_portable, uniforms_portable};
-    TORCH_CHECK(std::strcmp(forced, "avx2") == 0 || std::strcmp(forced, "avx512") == 0,
-                "DDPM_FAST_CPU_ISA must be portable, avx2 or avx512, got '", forced, "'");
-    const bool want512 = std::strcmp(forced, "avx512") == 0;
-    TORCH_CHECK(want512 ? avx512 : avx2, "DDPM_FAST_CPU_ISA=", forced, " but this CPU does not support it");
-    return want512 ? Blocks{normals_avx512, uniforms_avx512} : Blocks{normals_avx2, uniforms_avx2};
+  switch (cpu_isa()) {
+    case Isa::avx512: return {normals_avx512, uniforms_avx512};
+    case Isa::avx2: return {normals_avx2, uniforms_avx2};
+    default: return {normals_portable, uniforms_portable};
   }
-  if (avx512) return {normals_avx512, uniforms_avx512};
-  if (avx2) return {normals_avx2, uniforms_avx2};
-  return {normals_portable, uniforms_portable};
 }
 
 const Blocks& blocks() {

@@ -95,20 +95,29 @@ DDPM_HD void sincos_small(float x, float& s, float& c) {
   c = bits_float(cos_bits ^ static_cast<int32_t>(static_cast<uint32_t>((j + 2) & 4) << 29));
 }
 
-// exp(x) for x in [-87, 88] (clamped there; the callers' sigmoid needs no more): Cephes expf, n = round(x / ln 2),
-// a degree-6 polynomial on the remainder, 2^n through the exponent bits. Within 2 ulp, branch-free.
+// exp(r) = 1 + r + r^2 q(r) for |r| <= ln(2) / 2, q of degree 4: coefficients fitted for this project (weighted
+// least squares iterated toward minimax on the relative error of exp, in float64, then rounded to float32); one
+// fewer term than Cephes' expf: exp_clamped is within 8.6e-8 relative (1.4 x 2^-24) of exp over [-87, 88], measured
+// at steps of 1e-5 with and without FMA.
+// Shared by exp_clamped and the AVX-512 GroupNorm kernels (csrc/cpu/group_norm_avx512.cpp).
+constexpr float kExpQ4 = 1.381461275741458e-3f, kExpQ3 = 8.368710055947304e-3f, kExpQ2 = 4.166838899254799e-2f,
+                kExpQ1 = 1.666652113199234e-1f, kExpQ0 = 4.999999403953552e-1f;
+constexpr float kLog2e = 1.44269504088896341f;
+constexpr float kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f;  // ln 2 in two parts: n * kLn2Hi is exact
+
+// exp(x) for x in [-87, 88] (clamped there; the callers' sigmoid needs no more): n = round(x / ln 2), the polynomial
+// above on the remainder, 2^n through the exponent bits. Branch-free.
 DDPM_HD float exp_clamped(float x) {
   x = select_bits(x < -87.0f, -87.0f, x);
   x = select_bits(x > 88.0f, 88.0f, x);
-  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest: 1.5 * 2^23 trick
-  const float r = (x - n * 0.693359375f) - n * -2.12194440e-4f;  // x - n ln 2, ln 2 split for exactness
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  const float y = p * r * r + r + 1.0f;
+  const float n = (x * kLog2e + 12582912.0f) - 12582912.0f;  // round to nearest: 1.5 * 2^23 trick
+  const float r = (x - n * kLn2Hi) - n * kLn2Lo;
+  float q = kExpQ4;
+  q = q * r + kExpQ3;
+  q = q * r + kExpQ2;
+  q = q * r + kExpQ1;
+  q = q * r + kExpQ0;
+  const float y = q * r * r + r + 1.0f;
   return y * bits_float((static_cast<int32_t>(n) + 127) << 23);
 }
 

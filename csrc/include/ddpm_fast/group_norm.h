@@ -15,10 +15,9 @@ namespace ddpm_fast {
 DDPM_HD float sigmoid(float z) { return 1.0f / (1.0f + exp_clamped(-z)); }
 inline double sigmoid(double z) { return 1.0 / (1.0 + std::exp(-z)); }  // float64: the CPU's gradcheck path
 
-template <typename T>
-DDPM_HD T silu(T z) {
-  return z * sigmoid(z);
-}
+// z sigmoid(z) as z / (1 + exp(-z)): one divide.
+DDPM_HD float silu(float z) { return z / (1.0f + exp_clamped(-z)); }
+inline double silu(double z) { return z / (1.0 + std::exp(-z)); }
 
 // d silu / dz = s (1 + z (1 - s)), s = sigmoid(z).
 template <typename T>
