@@ -227,6 +227,9 @@ def group_norm_silu(x, weight, bias, add, num_groups: int, eps: float, act: bool
             x, y, weight, bias, add if add is not None else weight, shift, rstd, sample_index.contiguous(),
             counter2.contiguous(), x.shape[1], spatial, num_groups, eps, seed, c3, dropout, 1.0 / (1.0 - dropout),
             **flags)
+    else:  # no statistics: zeros, not garbage
+        shift.zero_()
+        rstd.zero_()
     return y, shift, rstd
 
 

@@ -248,6 +248,22 @@ def test_torch_compile_fullgraph_equals_eager():
         assert torch.allclose(eager, compiled, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("backend", FUSED)
+def test_empty_input_gives_empty_output_zero_statistics_and_zero_parameter_grads(backend, poisoned):
+    x, w, b, add = (t.requires_grad_() for t in (torch.randn(2, 4, 0, 3), torch.randn(4), torch.randn(4),
+                                                  torch.randn(2, 4)))
+    y = gn.group_norm_silu(x, w, b, 2, 1e-6, add=add, backend=backend)
+    assert y.shape == x.shape
+    y.sum().backward()
+    assert torch.equal(w.grad, torch.zeros(4)) and torch.equal(b.grad, torch.zeros(4))
+    assert torch.equal(add.grad, torch.zeros(2, 4))
+    if backend == "cpp":  # the saved statistics are zeros, not uninitialised memory (NaN here: poisoned)
+        _, shift, rstd = torch.ops.ddpm_fast.group_norm_silu(x.detach(), w.detach(), b.detach(), None, 2, 1e-6, True,
+                                                             0.0, torch.zeros(2, dtype=torch.long),
+                                                             torch.zeros(2, dtype=torch.long), 0, 0)
+        assert torch.equal(shift, torch.zeros(2, 2)) and torch.equal(rstd, torch.zeros(2, 2))
+
+
 def test_bad_input_names_the_reason():
     x, w, b, add = inputs((2, 8, 3, 3), torch.float32, 12)
     with pytest.raises(ValueError, match="x must be a float tensor"):

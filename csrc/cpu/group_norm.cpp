@@ -219,7 +219,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu_cpu(
   at::Tensor y = at::empty_like(p.x);
   at::Tensor shift = at::empty({x_in.size(0), num_groups}, p.x.options().dtype(acc));
   at::Tensor rstd = at::empty_like(shift);
-  if (p.x.numel() == 0) return {y, shift, rstd};
+  if (p.x.numel() == 0) return {y, shift.zero_(), rstd.zero_()};  // no statistics: zeros, not garbage
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, p.x.scalar_type(), "group_norm_silu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto args = args_of<acc_t>(p, num_groups, act, dropout, seed, c3);

@@ -168,7 +168,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu_cuda(
   at::Tensor y = at::empty_like(p.x);
   at::Tensor shift = at::empty({x_in.size(0), num_groups}, p.x.options().dtype(at::kFloat));
   at::Tensor rstd = at::empty_like(shift);
-  if (p.x.numel() == 0) return {y, shift, rstd};
+  if (p.x.numel() == 0) return {y, shift.zero_(), rstd.zero_()};  // no statistics: zeros, not garbage
   C10_CUDA_CHECK(cuda::group_norm_silu(dtype_of(p.x), group_norm_params(p, num_groups, act, dropout, seed, c3),
                                        p.x.data_ptr(), y.data_ptr(), static_cast<float>(eps), shift.data_ptr<float>(),
                                        rstd.data_ptr<float>(), c10::cuda::getCurrentCUDAStream()));
