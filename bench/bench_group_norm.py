@@ -213,9 +213,9 @@ def bench_copy(benchmark, mode, shape):
 
 # ---------------------------------------------------------------------------------------------------- U-Net forward
 # One eval forward (torch.inference_mode) of each preset, random weights N(0, 0.05) so the activations are not
-# trivial, with the default backend choice (the fused GroupNorm) against `use_backend("reference")`. The reference
-# forces every ddpm_fast op in the network, but the U-Net uses only two: group_norm_silu and attention_block, and the
-# attention block has only its reference, so the one difference is GroupNorm. Few rounds: on 2 CPU cores one forward
+# trivial, with the default backend choice against `use_backend("reference")`. The reference forces every ddpm_fast
+# op in the network; the U-Net uses two: group_norm_silu and attention_block (on the CPU both fused since the
+# attention issue; bench/bench_attention.py times the attention block alone). Few rounds: on 2 CPU cores one forward
 # takes ~0.1 s (small x64) and ~0.3 s (cifar10 x4).
 UNETS = {
     "small": dict(batch=64, rounds=5),

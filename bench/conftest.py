@@ -41,19 +41,47 @@ def bandwidth_rows(benchmarks):
     return rows
 
 
+def flops_rows(benchmarks):
+    """One row per benchmark that set extra_info["flops"]: (group, role, median s, GFLOP/s, peak MiB or None, and
+    the speed-up of our variant, role "ours", over each other role of its group; None for the others)."""
+    groups = {}
+    for bench in benchmarks:
+        if bench.stats and bench.stats.rounds and "flops" in bench.extra_info:
+            groups.setdefault(bench.group, []).append(bench)
+    rows = []
+    for group, members in groups.items():
+        ours = next((b for b in members if b.extra_info.get("role") == "ours"), None)
+        for bench in members:
+            median = bench.stats.median
+            speedup = median / ours.stats.median if ours is not None and bench is not ours else None
+            rows.append((group, bench.extra_info.get("role"), median, bench.extra_info["flops"] / median / 1e9,
+                         bench.extra_info.get("peak_mb"), speedup))
+    return rows
+
+
 @pytest.hookimpl(trylast=True)  # after pytest-benchmark's own tables
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     session = getattr(config, "_benchmarksession", None)
     if session is None or session.disabled:
         return
-    rows = bandwidth_rows(session.benchmarks)
-    if not rows:
-        return
-
     def fmt(value, spec):
         return "-" if value is None else format(value, spec)
 
     write = terminalreporter.write_line
+    compute = flops_rows(session.benchmarks)
+    if compute:
+        write("")
+        write("Compute of each variant (the FLOPs its benchmark names / median; ours vs = that variant's median / ours; "
+              "peak = the forward's peak memory):")
+        write("")
+        write("| group | variant | median | GFLOP/s | peak MiB | ours vs it |")
+        write("|---|---|---|---|---|---|")
+        for group, role, median, gflops, peak, speedup in compute:
+            write(f"| {group} | {role} | {median * 1e3:.3f} ms | {gflops:.1f} | {fmt(peak, '.0f')} | "
+                  f"{fmt(speedup, '.2f')}x |".replace("| -x", "| -"))
+    rows = bandwidth_rows(session.benchmarks)
+    if not rows:
+        return
     write("")
     write("Bandwidth of our ops (bytes the op must move / median; copy = dst.copy_(src) of the same size, same run; "
           "speed-up = baseline median / ours):")

@@ -39,6 +39,18 @@ TORCH_LIBRARY(ddpm_fast, m) {
   m.def("group_norm_silu_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor bias, Tensor? add, Tensor shift, "
         "Tensor rstd, int num_groups, bool act, float dropout, Tensor sample_index, Tensor counter2, int seed, "
         "int c3) -> (Tensor, Tensor, Tensor, Tensor)");
+
+  // The U-Net's attention block on folded weights (ddpm_fast/ops/attention.py): h = GN(x), g = score_weight h +
+  // score_bias, P = softmax over keys of g^T h, y = x + out_weight (h P^T) + out_bias, per sample over the H*W
+  // tokens. Returns y (x's dtype) and what the backward needs, in the accumulation dtype: h (N, C, L), g (N, C, L),
+  // o^T = P h^T (N, L, C), the scores' log-sum-exp (N, L), and the GroupNorm's shift and rstd.
+  m.def("attention_block(Tensor x, Tensor norm_weight, Tensor norm_bias, Tensor score_weight, Tensor score_bias, "
+        "Tensor out_weight, Tensor out_bias, int num_groups, float eps) -> (Tensor, Tensor, Tensor, Tensor, Tensor, "
+        "Tensor, Tensor)");
+  // Gradients for x, norm_weight, norm_bias, score_weight, score_bias, out_weight, out_bias.
+  m.def("attention_block_backward(Tensor grad_y, Tensor x, Tensor norm_weight, Tensor norm_bias, Tensor score_weight, "
+        "Tensor score_bias, Tensor out_weight, Tensor out_bias, Tensor h, Tensor g, Tensor o_t, Tensor lse, "
+        "Tensor shift, Tensor rstd, int num_groups) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 extern "C" PyMODINIT_FUNC PyInit__C(void) {

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ddpm_fast.ops.attention import attention_block
+from ddpm_fast.ops import attention
 from ddpm_fast.ops.group_norm import group_norm_silu
 
 PRESETS = {
@@ -99,7 +99,10 @@ class ResnetBlock(nn.Module):
 
 
 class AttnBlock(nn.Module):
-    """x + proj_out(attention(q, k, v)) with q, k, v 1x1 convs of norm(x); one head of width C."""
+    """x + proj_out(attention(q, k, v)) with q, k, v 1x1 convs of norm(x); one head of width C. The state dict keeps
+    the paper's separate q, k, v, proj_out; the fused op runs on their folded form (ops/attention.py), which is
+    kept between calls while no gradient is taken and the weights are unchanged (inference), and folded inside
+    autograd on every call otherwise (training)."""
 
     def __init__(self, channels: int, num_groups: int, eps: float):
         super().__init__()
@@ -108,14 +111,32 @@ class AttnBlock(nn.Module):
         self.k = _init_(nn.Conv2d(channels, channels, 1))
         self.v = _init_(nn.Conv2d(channels, channels, 1))
         self.proj_out = _init_(nn.Conv2d(channels, channels, 1), zero=True)
+        self._packed = None  # (key, (qkv_weight, qkv_bias, proj_weight, proj_bias), FoldedWeights): inference
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        c = x.shape[1]
+    def _weights(self):
+        c = self.q.weight.shape[0]
         qkv_weight = torch.cat([self.q.weight, self.k.weight, self.v.weight]).view(3 * c, c)
         qkv_bias = torch.cat([self.q.bias, self.k.bias, self.v.bias])
-        return attention_block(x, self.norm.weight, self.norm.bias, qkv_weight, qkv_bias,
-                               self.proj_out.weight.view(c, c), self.proj_out.bias, self.norm.num_groups,
-                               self.norm.eps)
+        return qkv_weight, qkv_bias, self.proj_out.weight.view(c, c), self.proj_out.bias
+
+    def _cached(self):
+        """The packed and folded weights of the last inference call, rebuilt only when a parameter changed (its
+        storage, its version counter, dtype or device)."""
+        params = [self.q.weight, self.q.bias, self.k.weight, self.k.bias, self.v.weight, self.v.bias,
+                  self.proj_out.weight, self.proj_out.bias]
+        key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
+        if self._packed is None or self._packed[0] != key:
+            weights = self._weights()
+            self._packed = (key, weights, attention.fold_weights(*weights))
+        return self._packed[1], self._packed[2]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            weights, folded = self._cached()
+        else:
+            weights, folded = self._weights(), None  # folded by the op, inside autograd
+        return attention.attention_block(x, self.norm.weight, self.norm.bias, *weights, self.norm.num_groups,
+                                         self.norm.eps, folded=folded)
 
 
 class Downsample(nn.Module):

@@ -77,8 +77,8 @@ def test_triton_asked_for_without_a_gpu_or_interpreter_says_why():
 def test_env_var_and_context_choose_and_refuse():
     x = torch.randn(2, 8, 3, 3)
     w, b = torch.randn(8), torch.randn(8)
-    with pytest.raises(BackendUnavailable, match="attention_block has no 'cpp' implementation"):
-        with use_backend("cpp"):
+    with pytest.raises(BackendUnavailable, match="attention_block has no 'triton' implementation"):
+        with use_backend("triton"):
             attention.attention_block(x, w, b, torch.randn(24, 8), torch.randn(24), torch.randn(8, 8), torch.randn(8),
                                       4, 1e-6)
     done = run_python("import torch; from ddpm_fast.ops import group_norm as g\n"

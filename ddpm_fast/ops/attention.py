@@ -1,18 +1,35 @@
 """The U-Net's self-attention block: x + proj_out(softmax(q k^T / sqrt(C)) v), q, k, v 1x1 convs of GN(x).
 
-One head of width C over the H*W positions. Eager code materialises the (HW)^2 scores; the fused kernels
-(a later issue) never do.
+One head of width C over the L = H*W positions. Eager code materialises the (L x L) scores of every sample and runs
+four C x C x L products (q, k, v, proj_out). The fused op folds the weights first (exact algebra, fold_weights):
+
+    softmax_j(q_i . k_j / sqrt(C)) = softmax_j(g_i . h_j),   g = M h + m,  M = Wk^T Wq / sqrt(C),  m = Wk^T bq / sqrt(C)
+
+(the terms of q_i . k_j that do not depend on the key j, among them everything of bk, cancel in the softmax), and
+
+    proj_out(v P^T) = N (h P^T) + b,   N = Wp Wv,  b = Wp bv + bp   (each row of P sums to one),
+
+so a block is h = GN(x), one C x C x L product for g, attention with h as both keys and values, and one C x C x L
+product that adds into x + b: half the products, and h read where q, k and v were. The C++ CPU kernels
+(csrc/cpu/attention.cpp) compute it with the scores of one block of queries at a time; gradients reach Wq, Wk, Wv,
+bq, bv, Wp and bp through the folding's autograd (bk's is zero, as it is in exact arithmetic).
 """
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
+from ddpm_fast.kernels.layout import acc_dtype
 from ddpm_fast.ops import _registry
 
-IMPLEMENTED = ("reference",)
+IMPLEMENTED = ("reference", "cpp")
+# The C++ kernels run on CPU tensors; on CUDA the block is the reference until its Triton kernels land.
+ORDER = {"cpu": ("cpp", "reference"), "cuda": ("reference",)}
 
 
+# ---------------------------------------------------------------------------------------------------- reference
 def attention_block_reference(x, norm_weight, norm_bias, qkv_weight, qkv_bias, proj_weight, proj_bias,
                               num_groups: int, eps: float):
     """The paper's block, written plainly (DDPM's attn_block)."""
@@ -25,13 +42,78 @@ def attention_block_reference(x, norm_weight, norm_bias, qkv_weight, qkv_bias, p
     return x + out.reshape(batch, channels, height, width)
 
 
+# ---------------------------------------------------------------------------------------------------- folding
+class FoldedWeights(NamedTuple):
+    """The block's weights folded for the fused op (module docstring): g = score_weight h + score_bias,
+    y = x + out_weight (h P^T) + out_bias."""
+    score_weight: torch.Tensor  # (C, C) = Wk^T Wq / sqrt(C)
+    score_bias: torch.Tensor    # (C,) = Wk^T bq / sqrt(C)
+    out_weight: torch.Tensor    # (C, C) = Wp Wv
+    out_bias: torch.Tensor      # (C,) = Wp bv + bp
+
+
+def fold_weights(qkv_weight: torch.Tensor, qkv_bias: torch.Tensor, proj_weight: torch.Tensor,
+                 proj_bias: torch.Tensor) -> FoldedWeights:
+    """Fold q, k, v and proj_out (qkv_weight (3C, C) rows q then k then v) into FoldedWeights, differentiably. The
+    products are taken in float64 and rounded once to the weights' dtype."""
+    channels = proj_weight.shape[0]
+    wq, wk, wv = qkv_weight.double().chunk(3)
+    bq, _bk, bv = qkv_bias.double().chunk(3)
+    wp, bp = proj_weight.double(), proj_bias.double()
+    scale = channels ** -0.5
+    folded = (wk.t() @ wq * scale, wk.t() @ bq * scale, wp @ wv, wp @ bv + bp)
+    return FoldedWeights(*(t.to(proj_weight.dtype) for t in folded))
+
+
+# ---------------------------------------------------------------------------------------------------- autograd
+def _register_cpp_extras() -> None:
+    """Fake impls and autograd of the C++ op (only when _C is loaded)."""
+    if _registry._cpp_module()[0] is None:
+        return
+
+    @torch.library.register_fake("ddpm_fast::attention_block")
+    def _(x, norm_weight, norm_bias, score_weight, score_bias, out_weight, out_bias, num_groups, eps):
+        n, c, tokens = x.shape[0], x.shape[1], x.shape[2] * x.shape[3]
+        acc = acc_dtype(x.dtype)
+        per_token = x.new_empty((n, c, tokens), dtype=acc)
+        stats = x.new_empty((n, num_groups), dtype=acc)
+        return (x.new_empty(x.shape), per_token, torch.empty_like(per_token), x.new_empty((n, tokens, c), dtype=acc),
+                x.new_empty((n, tokens), dtype=acc), stats, torch.empty_like(stats))
+
+    @torch.library.register_fake("ddpm_fast::attention_block_backward")
+    def _(grad_y, x, norm_weight, norm_bias, score_weight, score_bias, out_weight, out_bias, h, g, o_t, lse, shift,
+          rstd, num_groups):
+        return (x.new_empty(x.shape),) + tuple(w.new_empty(w.shape) for w in (norm_weight, norm_bias, score_weight,
+                                                                               score_bias, out_weight, out_bias))
+
+    def setup_context(ctx, inputs, output):
+        x, norm_weight, norm_bias, score_weight, score_bias, out_weight, out_bias, num_groups, eps = inputs
+        _, h, g, o_t, lse, shift, rstd = output
+        ctx.save_for_backward(x, norm_weight, norm_bias, score_weight, score_bias, out_weight, out_bias, h, g, o_t, lse,
+                              shift, rstd)
+        ctx.num_groups = num_groups
+        ctx.mark_non_differentiable(h, g, o_t, lse, shift, rstd)
+
+    def backward(ctx, grad_y, *_unused):
+        grads = torch.ops.ddpm_fast.attention_block_backward(grad_y, *ctx.saved_tensors, ctx.num_groups)
+        return tuple(grads) + (None, None)
+
+    torch.library.register_autograd("ddpm_fast::attention_block", backward, setup_context=setup_context)
+
+
+_register_cpp_extras()
+
+
+# ---------------------------------------------------------------------------------------------------- public
 def attention_block(x: torch.Tensor, norm_weight: torch.Tensor, norm_bias: torch.Tensor, qkv_weight: torch.Tensor,
                     qkv_bias: torch.Tensor, proj_weight: torch.Tensor, proj_bias: torch.Tensor, num_groups: int,
-                    eps: float, *, backend: str | None = None) -> torch.Tensor:
+                    eps: float, *, folded: FoldedWeights | None = None, backend: str | None = None) -> torch.Tensor:
     """x + proj(attention(q, k, v)) with [q; k; v] = qkv_weight @ GN(x) + qkv_bias.
 
     :param x: (B, C, H, W). :param norm_weight, norm_bias: (C,). :param qkv_weight: (3C, C), rows q then k then v.
     :param qkv_bias: (3C,). :param proj_weight: (C, C). :param proj_bias: (C,).
+    :param folded: fold_weights(qkv_weight, qkv_bias, proj_weight, proj_bias) if the caller keeps it (the U-Net does
+        in inference); the fused op folds on every call otherwise. The reference ignores it.
     :return: x's shape and dtype.
     """
     if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() != 4:
@@ -45,6 +127,14 @@ def attention_block(x: torch.Tensor, norm_weight: torch.Tensor, norm_bias: torch
                              f"{tuple(value.shape)} on {value.device}")
     if num_groups < 1 or c % num_groups:
         raise ValueError(f"attention_block: {c} channels cannot be split into {num_groups} groups")
-    _registry.choose("attention_block", x.device, IMPLEMENTED, backend)
-    return attention_block_reference(x, norm_weight, norm_bias, qkv_weight, qkv_bias, proj_weight, proj_bias,
-                                     num_groups, eps)
+    chosen = _registry.choose("attention_block", x.device, IMPLEMENTED, backend, ORDER)
+    if chosen == "reference":
+        return attention_block_reference(x, norm_weight, norm_bias, qkv_weight, qkv_bias, proj_weight, proj_bias,
+                                         num_groups, eps)
+    if x.device.type != "cpu":
+        raise _registry.BackendUnavailable(
+            f"attention_block: backend {chosen!r} runs on CPU tensors only (its GPU kernels are Triton's, not yet "
+            f"written); got x on {x.device}")
+    if folded is None:
+        folded = fold_weights(qkv_weight, qkv_bias, proj_weight, proj_bias)
+    return torch.ops.ddpm_fast.attention_block(x, norm_weight, norm_bias, *folded, num_groups, float(eps))[0]

@@ -1,0 +1,161 @@
+"""The U-Net's attention block: the fused op (folded weights, scores one block of queries at a time) against the paper's
+block in eager PyTorch (ops/attention.py's reference: (L x L) scores of every sample, four C x C x L products), its
+torch.compile, and the block written on F.scaled_dot_product_attention; forward (no grad) and forward + backward, at
+the cifar10 preset's attention shapes: batch 64, C = 256, 16x16 and 8x8 tokens; float32.
+
+Run: pytest bench/bench_attention.py --benchmark-only --benchmark-columns=min,median,max,rounds
+(bench/conftest.py then prints GFLOP/s of each variant = extra_info["flops"] / median, the speed-ups over eager,
+torch.compile and SDPA, and the forward's peak memory.)
+
+FLOPs of the paper's block per sample (multiply-add = 2): q, k, v and proj_out 4 x 2 C^2 L, scores and P v
+2 x 2 L^2 C; ours does half the C^2 L products (2 x 2 C^2 L), so its GFLOP/s is counted on the paper's FLOPs (the
+work the block stands for), not on what it executes. Forward + backward: 3x the forward.
+
+Peak memory: what one forward allocates at its highest, beyond what was allocated before it (the inputs, the
+parameters). CPU: glibc's mallinfo2 (bytes malloc has handed out) polled every 0.1 ms from a second thread while the
+forward runs (torch releases the GIL inside its ops); GPU: torch.cuda.max_memory_allocated. Measured only when
+timing (not under --benchmark-disable).
+
+Under --benchmark-disable (CI) every bench runs once at batch 2 (CI_BATCH), and torch.compile at 8x8 only.
+"""
+import ctypes
+import threading
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from benchutil import DEVICE, GPU, shape_name, sync, timed
+from ddpm_fast.ops import attention
+
+GROUPS, EPS = 32, 1e-6
+SHAPES = [(64, 256, 16, 16), (64, 256, 8, 8)]
+CI_BATCH = 2
+
+
+def sdpa_block(x, norm_weight, norm_bias, qkv_weight, qkv_bias, proj_weight, proj_bias):
+    """The block as a user of PyTorch's fused attention writes it: GroupNorm, one 1x1 conv for q, k, v, SDPA, the
+    projection conv and the residual."""
+    batch, channels, height, width = x.shape
+    h = F.group_norm(x, GROUPS, norm_weight, norm_bias, EPS)
+    qkv = F.conv2d(h, qkv_weight[:, :, None, None], qkv_bias).view(batch, 3, channels, height * width)
+    q, k, v = qkv.transpose(2, 3).unbind(1)  # (B, L, C) each
+    a = F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None])[:, 0]  # one head, scale 1/sqrt(C)
+    return x + F.conv2d(a.transpose(1, 2).reshape(x.shape), proj_weight[:, :, None, None], proj_bias)
+
+
+def eager_block(*args):
+    return attention.attention_block_reference(*args, GROUPS, EPS)
+
+
+def ours_block(*args):
+    return attention.attention_block(*args, GROUPS, EPS, backend="cpp" if not GPU else None)
+
+
+VARIANTS = {"eager": eager_block, "sdpa": sdpa_block, "ours": ours_block}
+
+
+def make_inputs(shape, seed=0):
+    """x and random parameters (a zero proj_out, as at initialisation, would make the block the identity)."""
+    g = torch.Generator().manual_seed(seed)
+    c = shape[1]
+    tensors = [torch.randn(shape, generator=g), 1 + 0.1 * torch.randn(c, generator=g), 0.1 * torch.randn(c, generator=g),
+               torch.randn(3 * c, c, generator=g) * c ** -0.5, 0.1 * torch.randn(3 * c, generator=g),
+               torch.randn(c, c, generator=g) * c ** -0.5, 0.1 * torch.randn(c, generator=g)]
+    return [t.to(DEVICE) for t in tensors]
+
+
+def paper_flops(shape):
+    batch, c, h, w = shape
+    tokens = h * w
+    return batch * (4 * 2 * c * c * tokens + 2 * 2 * tokens * tokens * c)
+
+
+def _forward(fn, tensors):
+    def run():
+        with torch.no_grad():
+            fn(*tensors)
+    return run
+
+
+def _forward_backward(fn, tensors):
+    leaves = [t.clone().requires_grad_() for t in tensors]
+    grad_y = torch.randn_like(tensors[0])
+
+    def run():
+        for leaf in leaves:
+            leaf.grad = None
+        fn(*leaves).backward(grad_y)
+    return run
+
+
+MODES = {"attention": dict(run=_forward, flops=1), "attention+backward": dict(run=_forward_backward, flops=3)}
+
+class _MallInfo2(ctypes.Structure):  # glibc's struct mallinfo2
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                      "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def _malloc_bytes():
+    """Bytes glibc's malloc has handed out now (heap + mmapped chunks), or None where there is no mallinfo2."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallinfo2.restype = _MallInfo2
+    except (OSError, AttributeError):
+        return None
+    info = libc.mallinfo2()
+    return info.uordblks + info.hblkhd
+
+
+def peak_mb(run):
+    """Peak memory one call of run() adds, MiB (module docstring); None where it cannot be read."""
+    if GPU:
+        run()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        run()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    base = _malloc_bytes()
+    if base is None:
+        return None
+    top, done = [base], threading.Event()
+
+    def poll():  # torch releases the GIL inside its ops, so this sees what they hold
+        while not done.is_set():
+            top[0] = max(top[0], _malloc_bytes())
+            time.sleep(1e-4)
+
+    watcher = threading.Thread(target=poll)
+    watcher.start()
+    try:
+        run()
+    finally:
+        done.set()
+        watcher.join()
+    return (top[0] - base) / 2**20
+
+
+def _shape(benchmark, shape):
+    return (CI_BATCH,) + shape[1:] if benchmark.disabled else shape
+
+
+@pytest.mark.benchmark(max_time=1.0)
+@pytest.mark.parametrize("shape", SHAPES, ids=[shape_name(s) for s in SHAPES])
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("variant", ["eager", "compiled", "sdpa", "ours"])
+def bench_attention_block(benchmark, variant, mode, shape):
+    if variant == "compiled" and benchmark.disabled and shape != SHAPES[-1]:
+        pytest.skip("under --benchmark-disable torch.compile runs at 8x8 only (compile time)")
+    group = f"{mode} {shape_name(shape)}"
+    shape = _shape(benchmark, shape)
+    fn = torch.compile(eager_block, dynamic=False) if variant == "compiled" else VARIANTS[variant]
+    run = MODES[mode]["run"](fn, make_inputs(shape))
+    run()  # compile, first touch
+    sync()
+    if not benchmark.disabled and mode == "attention":
+        benchmark.extra_info["peak_mb"] = peak_mb(run)
+    benchmark.extra_info["flops"] = MODES[mode]["flops"] * paper_flops(shape)
+    timed(benchmark, group, run, variant)
