@@ -1,7 +1,7 @@
-"""The U-Net's attention block: the fused op (folded weights, scores one block of queries at a time) against the paper's
-block in eager PyTorch (ops/attention.py's reference: (L x L) scores of every sample, four C x C x L products), its
-torch.compile, and the block written on F.scaled_dot_product_attention; forward (no grad) and forward + backward, at
-the cifar10 preset's attention shapes: batch 64, C = 256, 16x16 and 8x8 tokens; float32.
+"""The U-Net's attention block: the fused op (folded weights, scores one tile at a time; C++ on the CPU, Triton on a
+GPU) against the paper's block in eager PyTorch (ops/attention.py's reference: (L x L) scores of every sample, four
+C x C x L products), its torch.compile, and the block written on F.scaled_dot_product_attention; forward (no grad)
+and forward + backward, at the cifar10 preset's attention shapes: batch 64, C = 256, 16x16 and 8x8 tokens; float32.
 
 Run: pytest bench/bench_attention.py --benchmark-only --benchmark-columns=min,median,max,rounds
 (bench/conftest.py then prints GFLOP/s of each variant = extra_info["flops"] / median, the speed-ups over eager,

@@ -41,10 +41,10 @@ TARGET = ("cuda", 90, 32)  # backend, compute capability 9.0, warp size
 
 FLOAT_INPUTS = {"fp32": "*fp32", "bf16": "*bf16", "fp16": "*fp16"}
 MODULES = {"philox": "ddpm_fast.kernels.philox", "diffusion_step": "ddpm_fast.kernels.diffusion_step",
-           "group_norm": "ddpm_fast.kernels.group_norm"}
+           "group_norm": "ddpm_fast.kernels.group_norm", "attention": "ddpm_fast.kernels.attention"}
 BLOCKS = {"philox": {"max": "_MAX_BLOCK", "min": 1}, "diffusion_step": {"max": "_BLOCK", "min": 16},
           "group_norm": {"max": "_BLOCK", "min": 16}}
-WARPS = {"philox": None, "diffusion_step": "_NUM_WARPS", "group_norm": "_NUM_WARPS"}
+WARPS = {"philox": None, "diffusion_step": "_NUM_WARPS", "group_norm": "_NUM_WARPS", "attention": "_NUM_WARPS"}
 
 SEED = [("seed", "i64"), ("c3", "i32")]
 LAYOUT = [("numel", "i64"), ("spatial", "i64"), ("stride_b", "i64"), ("stride_c", "i64"), ("stride_s", "i64")]
@@ -56,10 +56,13 @@ LAUNCH_LAYOUT = {True: {"spatial": 3072, "stride_b": 3072, "stride_c": 0, "strid
                  False: {"spatial": 1024, "stride_b": 3072, "stride_c": 1, "stride_s": 3}}
 
 
-def _case(name, module, kernel, ptrs, scalars, flags=None, kind="i64", block="max", contiguous=True):
+def _case(name, module, kernel, ptrs, scalars, flags=None, kind="i64", block="max", contiguous=True, channels=None,
+          backward=False):
     """One compile of `kernel`: pointer arguments, integer scalars with their generic types (kind "i64"), or typed
     as the JIT would at the LAUNCH values (kind "launch": 1 -> constexpr, else i32; integers that are multiples of
-    16 and every pointer marked divisible by 16), then the constexpr flags and BLOCK ("max" or "min")."""
+    16 and every pointer marked divisible by 16), then the constexpr flags and BLOCK ("max" or "min"). With
+    `channels` (the attention kernels), the tile constexprs BLOCK_M, BLOCK_N, BLOCK_D instead of BLOCK, as the
+    module's blocks(channels, backward) gives them for a GPU launch."""
     flags = dict(flags or {})
     signature, constexprs, divisible = list(ptrs), dict(flags), []
     if kind == "launch":
@@ -74,11 +77,13 @@ def _case(name, module, kernel, ptrs, scalars, flags=None, kind="i64", block="ma
                 divisible += [arg] * (values[arg] % 16 == 0)
     else:
         signature += scalars
-    signature += [(flag, "constexpr") for flag in flags] + [("BLOCK", "constexpr")]
+    tile = ["BLOCK_M", "BLOCK_N", "BLOCK_D"] if channels else ["BLOCK"]
+    signature += [(flag, "constexpr") for flag in flags] + [(name_, "constexpr") for name_ in tile]
     flag_id = "".join(f"-{k}={v}" for k, v in flags.items())
-    return {"id": f"{name}-{kind}-{block}{flag_id}", "module": module, "kernel": kernel,
+    size = f"C={channels}" if channels else block
+    return {"id": f"{name}-{kind}-{size}{flag_id}", "module": module, "kernel": kernel,
             "signature": [list(a) for a in signature], "constexprs": constexprs, "divisible": divisible,
-            "block": block}
+            "block": block, "channels": channels, "backward": backward}
 
 
 def _cases():
@@ -145,13 +150,26 @@ def _cases():
                                + [("dw_ptr", "*fp32"), ("db_ptr", "*fp32"), ("dadd_ptr", "*fp32")],
                                gn_scalars + [("seed", "i64"), ("c3", "i32"), ("p", "fp32"), ("scale", "fp32")],
                                flags, block=block))
+    # attention (flash attention on the folded weights): float32 tiles, the head widths of the cifar10 preset (256) and
+    # of the 256x256 checkpoints (512), and a narrow one
+    for channels in (64, 256, 512):
+        tensors = [("g_ptr", "*fp32"), ("h_ptr", "*fp32")]
+        sizes = [("channels", "i64"), ("tokens", "i64")]
+        cases.append(_case("attention_forward", "attention", "_attention_forward_kernel",
+                           tensors + [("o_ptr", "*fp32"), ("lse_ptr", "*fp32")], sizes, channels=channels))
+        backward = tensors + [("do_ptr", "*fp32"), ("lse_ptr", "*fp32"), ("delta_ptr", "*fp32")]
+        cases.append(_case("attention_backward_query", "attention", "_attention_backward_query_kernel",
+                           backward + [("dg_ptr", "*fp32")], sizes, channels=channels, backward=True))
+        cases.append(_case("attention_backward_key", "attention", "_attention_backward_key_kernel",
+                           backward + [("dh_ptr", "*fp32")], sizes, channels=channels, backward=True))
     return cases
 
 
 CASES = _cases()
 KERNELS = {"_philox_kernel", "_philox_normal_kernel", "_q_sample_kernel", "_q_sample_philox_kernel",
            "_simple_loss_kernel", "_simple_loss_backward_kernel", "_reverse_step_kernel",
-           "_group_norm_forward_kernel", "_group_norm_backward_kernel"}
+           "_group_norm_forward_kernel", "_group_norm_backward_kernel", "_attention_forward_kernel",
+           "_attention_backward_query_kernel", "_attention_backward_key_kernel"}
 
 # ---------------------------------------------------------------------------------------------------- the compiler
 _COMPILE = r"""
@@ -182,13 +200,17 @@ for case in request["cases"]:
         if names != list(fn.arg_names):
             raise TypeError(f"the test's argument list {names} is not the kernel's {list(fn.arg_names)}")
         constexprs = {k: getattr(tl, v) if isinstance(v, str) else v for k, v in case["constexprs"].items()}
-        constexprs["BLOCK"] = info["blocks"][case["module"]][case["block"]]
+        if case["channels"]:
+            block = dict(zip(("BLOCK_M", "BLOCK_N", "BLOCK_D"), module.blocks(case["channels"], case["backward"])))
+        else:
+            block = {"BLOCK": info["blocks"][case["module"]][case["block"]]}
+        constexprs.update(block)
         attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in case["divisible"]}
         src = triton.compiler.ASTSource(fn, dict(case["signature"]), constexprs, attrs)
         warps = info["warps"][case["module"]]
         compiled = triton.compile(src, target=target, options={"num_warps": warps} if warps else None)
         meta = compiled.metadata
-        result.update(ok=True, block=constexprs["BLOCK"], shared=meta.shared, num_warps=meta.num_warps,
+        result.update(ok=True, block=block, shared=meta.shared, num_warps=meta.num_warps,
                       global_scratch_size=meta.global_scratch_size, arch=meta.arch,
                       cubin_bytes=len(compiled.asm.get("cubin", b"")),
                       ptx_target=next((line.split()[1] for line in compiled.asm["ptx"].splitlines()

@@ -11,8 +11,9 @@ four C x C x L products (q, k, v, proj_out). The fused op folds the weights firs
 
 so a block is h = GN(x), one C x C x L product for g, attention with h as both keys and values, and one C x C x L
 product that adds into x + b: half the products, and h read where q, k and v were. The C++ CPU kernels
-(csrc/cpu/attention.cpp) compute it with the scores of one block of queries at a time; gradients reach Wq, Wk, Wv,
-bq, bv, Wp and bp through the folding's autograd (bk's is zero, as it is in exact arithmetic).
+(csrc/cpu/attention.cpp) compute it with the scores of one block of queries at a time; the Triton kernels
+(kernels/attention.py) with flash attention. Gradients reach Wq, Wk, Wv, bq, bv, Wp and bp through the folding's
+autograd (bk's is zero, as it is in exact arithmetic).
 """
 from __future__ import annotations
 
@@ -24,9 +25,9 @@ import torch.nn.functional as F
 from ddpm_fast.kernels.layout import acc_dtype
 from ddpm_fast.ops import _registry
 
-IMPLEMENTED = ("reference", "cpp")
-# The C++ kernels run on CPU tensors; on CUDA the block is the reference until its Triton kernels land.
-ORDER = {"cpu": ("cpp", "reference"), "cuda": ("reference",)}
+IMPLEMENTED = ("reference", "cpp", "triton")
+# The C++ kernels run on CPU tensors only (no CUDA kernel of this op: the GPU's are Triton's).
+ORDER = {"cpu": ("cpp", "reference"), "cuda": ("triton", "reference")}
 
 
 # ---------------------------------------------------------------------------------------------------- reference
@@ -65,6 +66,45 @@ def fold_weights(qkv_weight: torch.Tensor, qkv_bias: torch.Tensor, proj_weight: 
     return FoldedWeights(*(t.to(proj_weight.dtype) for t in folded))
 
 
+# ---------------------------------------------------------------------------------------------------- triton
+Tensors7 = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def _register_triton_ops():
+    """The Triton kernels as ops of their own (ddpm_fast::attention_block_triton and its backward), with the same
+    outputs and autograd as the C++ op."""
+    from ddpm_fast.kernels import attention as kernels
+
+    @torch.library.triton_op("ddpm_fast::attention_block_triton", mutates_args=())
+    def attention_block_triton(x: torch.Tensor, norm_weight: torch.Tensor, norm_bias: torch.Tensor,
+                               score_weight: torch.Tensor, score_bias: torch.Tensor, out_weight: torch.Tensor,
+                               out_bias: torch.Tensor, num_groups: int, eps: float) -> Tensors7:
+        return kernels.attention_block(x, norm_weight, norm_bias, score_weight, score_bias, out_weight, out_bias,
+                                       num_groups, eps)
+
+    @torch.library.triton_op("ddpm_fast::attention_block_backward_triton", mutates_args=())
+    def attention_block_backward_triton(grad_y: torch.Tensor, x: torch.Tensor, norm_weight: torch.Tensor,
+                                        norm_bias: torch.Tensor, score_weight: torch.Tensor,
+                                        score_bias: torch.Tensor, out_weight: torch.Tensor, out_bias: torch.Tensor,
+                                        h: torch.Tensor, g: torch.Tensor, o_t: torch.Tensor, lse: torch.Tensor,
+                                        shift: torch.Tensor, rstd: torch.Tensor, num_groups: int) -> Tensors7:
+        return kernels.attention_block_backward(grad_y, x, norm_weight, norm_bias, score_weight, score_bias,
+                                                out_weight, out_bias, h, g, o_t, lse, shift, rstd, num_groups)
+
+    _register_autograd(attention_block_triton, attention_block_backward_triton)
+    return attention_block_triton
+
+
+_triton_op = None
+
+
+def _triton():
+    global _triton_op
+    if _triton_op is None:
+        _triton_op = _register_triton_ops()
+    return _triton_op
+
+
 # ---------------------------------------------------------------------------------------------------- autograd
 def _register_cpp_extras() -> None:
     """Fake impls and autograd of the C++ op (only when _C is loaded)."""
@@ -86,6 +126,10 @@ def _register_cpp_extras() -> None:
         return (x.new_empty(x.shape),) + tuple(w.new_empty(w.shape) for w in (norm_weight, norm_bias, score_weight,
                                                                                score_bias, out_weight, out_bias))
 
+    _register_autograd("ddpm_fast::attention_block", torch.ops.ddpm_fast.attention_block_backward)
+
+
+def _register_autograd(op, backward_op) -> None:
     def setup_context(ctx, inputs, output):
         x, norm_weight, norm_bias, score_weight, score_bias, out_weight, out_bias, num_groups, eps = inputs
         _, h, g, o_t, lse, shift, rstd = output
@@ -95,10 +139,9 @@ def _register_cpp_extras() -> None:
         ctx.mark_non_differentiable(h, g, o_t, lse, shift, rstd)
 
     def backward(ctx, grad_y, *_unused):
-        grads = torch.ops.ddpm_fast.attention_block_backward(grad_y, *ctx.saved_tensors, ctx.num_groups)
-        return tuple(grads) + (None, None)
+        return tuple(backward_op(grad_y, *ctx.saved_tensors, ctx.num_groups)) + (None, None)
 
-    torch.library.register_autograd("ddpm_fast::attention_block", backward, setup_context=setup_context)
+    torch.library.register_autograd(op, backward, setup_context=setup_context)
 
 
 _register_cpp_extras()
@@ -131,10 +174,11 @@ def attention_block(x: torch.Tensor, norm_weight: torch.Tensor, norm_bias: torch
     if chosen == "reference":
         return attention_block_reference(x, norm_weight, norm_bias, qkv_weight, qkv_bias, proj_weight, proj_bias,
                                          num_groups, eps)
-    if x.device.type != "cpu":
+    if chosen == "cpp" and x.device.type != "cpu":
         raise _registry.BackendUnavailable(
-            f"attention_block: backend {chosen!r} runs on CPU tensors only (its GPU kernels are Triton's, not yet "
-            f"written); got x on {x.device}")
+            f"attention_block: backend 'cpp' runs on CPU tensors only (the GPU kernels are Triton's); got x on "
+            f"{x.device}")
     if folded is None:
         folded = fold_weights(qkv_weight, qkv_bias, proj_weight, proj_bias)
-    return torch.ops.ddpm_fast.attention_block(x, norm_weight, norm_bias, *folded, num_groups, float(eps))[0]
+    op = torch.ops.ddpm_fast.attention_block if chosen == "cpp" else _triton()
+    return op(x, norm_weight, norm_bias, *folded, num_groups, float(eps))[0]
