@@ -159,3 +159,90 @@ def bench_attention_block(benchmark, variant, mode, shape):
         benchmark.extra_info["peak_mb"] = peak_mb(run)
     benchmark.extra_info["flops"] = MODES[mode]["flops"] * paper_flops(shape)
     timed(benchmark, group, run, variant)
+
+
+# ---------------------------------------------------------------------------------------------------- in the U-Net
+# The cifar10 preset's forward at batch 16 (eval, random weights N(0, 0.05)), its attention blocks on the reference or
+# on the fused op (everything else on the default backends in both): the time, the share of it inside the attention
+# blocks (forward hooks around them, one extra forward), and the forward's peak memory.
+UNET_BATCH = 16
+
+
+def _cifar10_unet(batch):
+    import ddpm_fast
+
+    torch.manual_seed(0)
+    net = ddpm_fast.UNet.from_preset("cifar10").to(DEVICE).eval()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.normal_(0, 0.05)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, net.in_channels, net.image_size, net.image_size, generator=gen).to(DEVICE)
+    t = torch.randint(0, 1000, (batch,), generator=gen).to(DEVICE)
+    return net, x, t
+
+
+def _attention_share(net, run):
+    """Fraction of one run()'s time spent inside the network's attention blocks."""
+    import ddpm_fast
+
+    inside, total, starts, handles = [0.0], 0.0, [], []
+
+    def enter(*_):  # (a hook that returns something replaces the block's input or output: these return None)
+        sync()
+        starts.append(time.perf_counter())
+
+    def leave(*_):
+        sync()
+        inside[0] += time.perf_counter() - starts.pop()
+
+    for module in net.modules():
+        if isinstance(module, ddpm_fast.unet.AttnBlock):
+            handles += [module.register_forward_pre_hook(enter), module.register_forward_hook(leave)]
+    try:
+        start = time.perf_counter()
+        run()
+        total = time.perf_counter() - start
+    finally:
+        for handle in handles:
+            handle.remove()
+    return inside[0] / total
+
+
+@pytest.mark.parametrize("attention_on", ["reference", "fused"])
+def bench_unet_forward_attention(benchmark, attention_on):
+    net, x, t = _cifar10_unet(CI_BATCH if benchmark.disabled else UNET_BATCH)
+    fused = attention.attention_block
+
+    def reference_block(*args, folded=None, backend=None):
+        return attention.attention_block_reference(*args)
+
+    def run():
+        attention.attention_block = reference_block if attention_on == "reference" else fused
+        try:
+            with torch.inference_mode():
+                net(x, t)
+            sync()
+        finally:
+            attention.attention_block = fused
+
+    run()
+    if not benchmark.disabled:
+        benchmark.extra_info["peak_mb"] = peak_mb(run)
+        benchmark.extra_info["attention_share"] = _attention_share(net, run)
+    benchmark.group = f"unet forward cifar10 x{x.shape[0]}, attention blocks on"
+    benchmark.extra_info["role"] = "ours" if attention_on == "fused" else "eager"
+    benchmark.pedantic(run, rounds=3, warmup_rounds=0)
+
+
+@pytest.mark.skipif(not GPU, reason="the bf16 matmul rate is the GPU's yardstick")
+def bench_bf16_matmul_rate(benchmark):
+    """What the GPU's tensor cores give a large bf16 GEMM (8192^3): the TFLOP/s the attention rows compare to."""
+    size = 8192
+    a = torch.randn(size, size, device=DEVICE, dtype=torch.bfloat16)
+    b = torch.randn(size, size, device=DEVICE, dtype=torch.bfloat16)
+    run = lambda: a @ b  # noqa: E731
+    run()
+    sync()
+    benchmark.extra_info["flops"] = 2 * size ** 3
+    timed(benchmark, "bf16 matmul 8192^3", run, "matmul")

@@ -42,20 +42,25 @@ def bandwidth_rows(benchmarks):
 
 
 def flops_rows(benchmarks):
-    """One row per benchmark that set extra_info["flops"]: (group, role, median s, GFLOP/s, peak MiB or None, and
-    the speed-up of our variant, role "ours", over each other role of its group; None for the others)."""
+    """One row per benchmark that set extra_info "flops" or "peak_mb": (group, role, median s, GFLOP/s, its fraction
+    of the bf16 matmul rate (a bench of role "matmul" in the same run, GPU), peak MiB, the speed-up of our variant
+    (role "ours") over this one, extra_info "attention_share"); None where a value is missing."""
     groups = {}
     for bench in benchmarks:
-        if bench.stats and bench.stats.rounds and "flops" in bench.extra_info:
+        if bench.stats and bench.stats.rounds and ("flops" in bench.extra_info or "peak_mb" in bench.extra_info):
             groups.setdefault(bench.group, []).append(bench)
+    matmul = next((b for members in groups.values() for b in members if b.extra_info.get("role") == "matmul"), None)
+    matmul_rate = matmul.extra_info["flops"] / matmul.stats.median if matmul else None
     rows = []
     for group, members in groups.items():
         ours = next((b for b in members if b.extra_info.get("role") == "ours"), None)
         for bench in members:
             median = bench.stats.median
+            rate = bench.extra_info["flops"] / median if "flops" in bench.extra_info else None
             speedup = median / ours.stats.median if ours is not None and bench is not ours else None
-            rows.append((group, bench.extra_info.get("role"), median, bench.extra_info["flops"] / median / 1e9,
-                         bench.extra_info.get("peak_mb"), speedup))
+            rows.append((group, bench.extra_info.get("role"), median, rate / 1e9 if rate else None,
+                         rate / matmul_rate if rate and matmul_rate else None, bench.extra_info.get("peak_mb"),
+                         speedup, bench.extra_info.get("attention_share")))
     return rows
 
 
@@ -71,14 +76,15 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     compute = flops_rows(session.benchmarks)
     if compute:
         write("")
-        write("Compute of each variant (the FLOPs its benchmark names / median; ours vs = that variant's median / ours; "
-              "peak = the forward's peak memory):")
+        write("Compute of each variant (the FLOPs its benchmark names / median, and that as a share of the bf16 "
+              "matmul rate on a GPU; peak = the forward's peak memory; ours vs = that variant's median / ours; "
+              "attention = share of the time inside the attention blocks):")
         write("")
-        write("| group | variant | median | GFLOP/s | peak MiB | ours vs it |")
-        write("|---|---|---|---|---|---|")
-        for group, role, median, gflops, peak, speedup in compute:
-            write(f"| {group} | {role} | {median * 1e3:.3f} ms | {gflops:.1f} | {fmt(peak, '.0f')} | "
-                  f"{fmt(speedup, '.2f')}x |".replace("| -x", "| -"))
+        write("| group | variant | median | GFLOP/s | of bf16 matmul | peak MiB | ours vs it | attention |")
+        write("|---|---|---|---|---|---|---|---|")
+        for group, role, median, gflops, of_matmul, peak, speedup, share in compute:
+            write(f"| {group} | {role} | {median * 1e3:.3f} ms | {fmt(gflops, '.1f')} | {fmt(of_matmul, '.0%')} | "
+                  f"{fmt(peak, '.0f')} | {fmt(speedup, '.2f')}x | {fmt(share, '.1%')} |".replace("| -x", "| -"))
     rows = bandwidth_rows(session.benchmarks)
     if not rows:
         return

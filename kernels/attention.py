@@ -61,6 +61,20 @@ def _rows(ptr, sample, first, channels, tokens, BLOCK: tl.constexpr, BLOCK_D: tl
 
 
 @triton.jit
+def _query_block(g_ptr, do_ptr, lse_ptr, delta_ptr, sample, q0, channels, tokens, BLOCK_M: tl.constexpr,
+                 BLOCK_D: tl.constexpr):
+    """What the backward needs of queries q0 .. q0 + BLOCK_M: their g and do tiles, log-sum-exp (+inf past the end,
+    so that their P is 0) and D."""
+    queries = q0 + tl.arange(0, BLOCK_M)
+    q = _tile(g_ptr, sample, q0, tokens, channels, tokens, BLOCK_M, BLOCK_D)
+    do_ptrs, mask = _rows(do_ptr, sample, q0, channels, tokens, BLOCK_M, BLOCK_D)
+    do = tl.load(do_ptrs, mask=mask, other=0.0)
+    lse = tl.load(lse_ptr + sample * tokens + queries, mask=queries < tokens, other=float("inf"))
+    delta = tl.load(delta_ptr + sample * tokens + queries, mask=queries < tokens, other=0.0)
+    return q, do, lse, delta
+
+
+@triton.jit
 def _attention_forward_kernel(
     g_ptr, h_ptr,  # (N, C, L): queries g, keys and values h
     o_ptr,  # (N, L, C): o^T = P h^T
@@ -101,12 +115,8 @@ def _attention_backward_query_kernel(
 ):
     sample = tl.program_id(1).to(tl.int64)
     q0 = tl.program_id(0) * BLOCK_M
-    queries = q0 + tl.arange(0, BLOCK_M)
-    q = _tile(g_ptr, sample, q0, tokens, channels, tokens, BLOCK_M, BLOCK_D)
-    do_ptrs, mask = _rows(do_ptr, sample, q0, channels, tokens, BLOCK_M, BLOCK_D)
-    do = tl.load(do_ptrs, mask=mask, other=0.0)
-    lse = tl.load(lse_ptr + sample * tokens + queries, mask=queries < tokens, other=float("inf"))
-    delta = tl.load(delta_ptr + sample * tokens + queries, mask=queries < tokens, other=0.0)
+    q, do, lse, delta = _query_block(g_ptr, do_ptr, lse_ptr, delta_ptr, sample, q0, channels, tokens, BLOCK_M,
+                                     BLOCK_D)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for k0 in range(0, tokens, BLOCK_N):
         kv = _tile(h_ptr, sample, k0, tokens, channels, tokens, BLOCK_N, BLOCK_D)
@@ -132,12 +142,8 @@ def _attention_backward_key_kernel(
     kv = _tile(h_ptr, sample, k0, tokens, channels, tokens, BLOCK_N, BLOCK_D)
     acc = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     for q0 in range(0, tokens, BLOCK_M):
-        queries = q0 + tl.arange(0, BLOCK_M)
-        q = _tile(g_ptr, sample, q0, tokens, channels, tokens, BLOCK_M, BLOCK_D)
-        do_ptrs, mask = _rows(do_ptr, sample, q0, channels, tokens, BLOCK_M, BLOCK_D)
-        do = tl.load(do_ptrs, mask=mask, other=0.0)
-        lse = tl.load(lse_ptr + sample * tokens + queries, mask=queries < tokens, other=float("inf"))
-        delta = tl.load(delta_ptr + sample * tokens + queries, mask=queries < tokens, other=0.0)
+        q, do, lse, delta = _query_block(g_ptr, do_ptr, lse_ptr, delta_ptr, sample, q0, channels, tokens, BLOCK_M,
+                                         BLOCK_D)
         p_t = tl.exp(tl.dot(kv, tl.trans(q)) - lse[None, :])  # P^T of this block; 0 for queries past the end
         acc += tl.dot(p_t.to(do.dtype), do)  # as values: P^T do
         ds_t = p_t * (tl.dot(kv, tl.trans(do)) - delta[None, :])

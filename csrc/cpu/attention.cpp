@@ -4,9 +4,8 @@
 // M = Wk^T Wq / sqrt(C), m = Wk^T bq / sqrt(C), N = Wp Wv, b = Wp bv + bp: two C x C x L products instead of four.
 // The GroupNorm is the fused op (ddpm_fast::group_norm_silu), the products are ATen's (MKL) GEMMs; the scores exist
 // only for one tile at a time (a block of queries of a few samples, kScoreBudget scores per thread, OpenMP over the
-// tiles); the
-// projection's GEMM adds into x + b, so the residual is its epilogue. The backward recomputes each block's scores
-// from the saved log-sum-exp (no stored scores, as flash attention).
+// tiles); the projection's GEMM adds into x + b, so the residual is its epilogue. The backward recomputes each
+// tile's scores from the saved log-sum-exp (no stored scores, as flash attention).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/ThreadLocalState.h>
@@ -126,10 +125,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         lse.narrow(0, s0, count).narrow(1, q0, rows).copy_(lse_c.squeeze(2));
         p.sub_(lse_c).exp_();  // softmax rows
         at::Tensor o_c = o_t.narrow(0, s0, count).narrow(1, q0, rows);
-        if (rows == tokens) {
+        if (o_c.is_contiguous()) {  // (one sample, or all queries of several)
           at::bmm_out(o_c, p, h_c.transpose(1, 2));  // o^T = P h^T, straight into o_t
         } else {
-          o_c.copy_(at::bmm(p, h_c.transpose(1, 2)));  // (rows of o_t of several samples are not one matrix)
+          o_c.copy_(at::bmm(p, h_c.transpose(1, 2)));
         }
       }
     });
@@ -197,7 +196,7 @@ attention_block_backward_cpu(const at::Tensor& grad_y, const at::Tensor& x_in, c
           at::bmm_out(dp, do_b, h_c);                                                  // dP = do^T h
           dp.sub_(delta.narrow(0, s0, count).narrow(1, q0, rows).unsqueeze(2)).mul_(p);  // dS = P (dP - D)
           at::Tensor dg_b = dg_t.narrow(0, s0, count).narrow(1, q0, rows);
-          if (rows == tokens) {
+          if (dg_b.is_contiguous()) {
             at::bmm_out(dg_b, dp, h_c.transpose(1, 2));  // S = g^T h: dg^T = dS h^T
           } else {
             dg_b.copy_(at::bmm(dp, h_c.transpose(1, 2)));

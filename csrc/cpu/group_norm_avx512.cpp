@@ -1,9 +1,10 @@
 // The fused GroupNorm's CPU kernels for float32 contiguous x, the U-Net's case, with AVX-512 intrinsics: the portable
 // kernels of group_norm.cpp spend most of their time in SiLU (exp and a divide per element) and in the per-channel
-// loop set-up and horizontal sums that GCC's vectorization of 64-element rows costs. Here the exp is the Cephes
-// polynomial of fastmath.h's exp_clamped with FMA and 2^n by vscalefps, the statistics of a whole group stay in two
-// vector accumulators, and a row's tail is a masked load. The math is that of group_norm.h; results match the
-// portable kernels to a few ulp (FMA), tests/test_group_norm.py runs both ($DDPM_FAST_CPU_ISA=portable).
+// loop set-up and horizontal sums that GCC's vectorization of 64-element rows costs. Here the exp is the polynomial
+// of fastmath.h's exp_clamped with FMA and 2^n by vscalefps, the statistics of a whole group stay in vector
+// accumulators, a row's tail is a masked load, and the next group's x is prefetched during this group's SiLU. The
+// math is that of group_norm.h; results match the portable kernels to a few ulp (FMA), tests/test_group_norm.py runs
+// both ($DDPM_FAST_CPU_ISA=portable).
 #include <immintrin.h>
 
 #include <vector>
@@ -135,11 +136,9 @@ void forward_group_avx512(const GroupNormArgs<float>& a, const float* x, float* 
 // The portable backward_group's math in one read of (x, dy) for the gradient terms: pass 1 keeps dz (dy times the
 // dropout factor and SiLU's derivative) in `dz` for pass 2, instead of recomputing its exp and re-reading dy.
 template <bool kAct, bool kDropout>
-void backward_group_avx512(const GroupNormArgs<float>& a, const float* dy,
-                                                              const float* x, const float* shift_in,
-                                                              const float* rstd_in, float* dx, float* dw_nc,
-                                                              float* db_nc, float* dadd, int64_t i,
-                                                              std::vector<float>& u, std::vector<float>& dz) {
+void backward_group_avx512(const GroupNormArgs<float>& a, const float* dy, const float* x, const float* shift_in,
+                           const float* rstd_in, float* dx, float* dw_nc, float* db_nc, float* dadd, int64_t i,
+                           std::vector<float>& u, std::vector<float>& dz) {
   const int64_t cg = a.channels / a.groups, spatial = a.spatial, m_group = cg * spatial;
   const int64_t n = i / a.groups, c0 = (i - n * a.groups) * cg;
   const int64_t first = (n * a.channels + c0) * spatial;
