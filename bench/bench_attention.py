@@ -12,14 +12,11 @@ FLOPs of the paper's block per sample (multiply-add = 2): q, k, v and proj_out 4
 work the block stands for), not on what it executes. Forward + backward: 3x the forward.
 
 Peak memory: what one forward allocates at its highest, beyond what was allocated before it (the inputs, the
-parameters). CPU: glibc's mallinfo2 (bytes malloc has handed out) polled every 0.1 ms from a second thread while the
-forward runs (torch releases the GIL inside its ops); GPU: torch.cuda.max_memory_allocated. Measured only when
-timing (not under --benchmark-disable).
+parameters), as ddpm_fast.memory.peak_bytes reads it (CPU: glibc's mallinfo2 polled every 0.1 ms while the forward
+runs; GPU: torch.cuda.max_memory_allocated). Measured only when timing (not under --benchmark-disable).
 
 Under --benchmark-disable (CI) every bench runs once at batch 2 (CI_BATCH), and torch.compile at 8x8 only.
 """
-import ctypes
-import threading
 import time
 
 import pytest
@@ -27,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from benchutil import DEVICE, GPU, shape_name, sync, timed
+from ddpm_fast import memory
 from ddpm_fast.ops import attention
 
 GROUPS, EPS = 32, 1e-6
@@ -92,50 +90,11 @@ def _forward_backward(fn, tensors):
 
 MODES = {"attention": dict(run=_forward, flops=1), "attention+backward": dict(run=_forward_backward, flops=3)}
 
-class _MallInfo2(ctypes.Structure):  # glibc's struct mallinfo2
-    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
-                                                      "fsmblks", "uordblks", "fordblks", "keepcost")]
-
-
-def _malloc_bytes():
-    """Bytes glibc's malloc has handed out now (heap + mmapped chunks), or None where there is no mallinfo2."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallinfo2.restype = _MallInfo2
-    except (OSError, AttributeError):
-        return None
-    info = libc.mallinfo2()
-    return info.uordblks + info.hblkhd
-
-
 def peak_mb(run):
-    """Peak memory one call of run() adds, MiB (module docstring); None where it cannot be read."""
-    if GPU:
-        run()
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        run()
-        torch.cuda.synchronize()
-        return (torch.cuda.max_memory_allocated() - base) / 2**20
-    base = _malloc_bytes()
-    if base is None:
-        return None
-    top, done = [base], threading.Event()
-
-    def poll():  # torch releases the GIL inside its ops, so this sees what they hold
-        while not done.is_set():
-            top[0] = max(top[0], _malloc_bytes())
-            time.sleep(1e-4)
-
-    watcher = threading.Thread(target=poll)
-    watcher.start()
-    try:
-        run()
-    finally:
-        done.set()
-        watcher.join()
-    return (top[0] - base) / 2**20
+    """Peak memory one call of run() adds, MiB (module docstring; ddpm_fast.memory reads it); None where it cannot
+    be read."""
+    peak = memory.peak_bytes(run, DEVICE)
+    return None if peak is None else peak / 2**20
 
 
 def _shape(benchmark, shape):

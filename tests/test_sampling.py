@@ -1,4 +1,7 @@
-"""ddpm_fast.sample: Algorithm 2 of the paper, seeded per image, batch-split invariant, with clear errors."""
+"""ddpm_fast.sample: Algorithm 2 of the paper, seeded per image, batch-split invariant, with clear errors; progressive
+generation (return_intermediates); the batch size by free memory."""
+import time
+
 import pytest
 import torch
 
@@ -110,3 +113,91 @@ def test_bad_input_names_the_argument(model):
         run(model, 2, sampler="ddim", eta=1.5)
     with pytest.raises(ValueError, match="eta applies to sampler='ddim' only"):
         run(model, 2, eta=0.5)
+    for every in [-1, 1.5, True]:
+        with pytest.raises(ValueError, match="return_intermediates must be an int >= 0"):
+            run(model, 2, return_intermediates=every)
+
+
+# ---------------------------------------------------------------------------------------------------- progressive
+@pytest.mark.parametrize("sampler,steps", [("ddpm", None), ("ddim", 5)])
+def test_progressive_generation_records_x_t_and_x0_hat(model, sampler, steps):
+    """return_intermediates=k: every k-th step from t = T and the last; the images those of a plain run; x_t the
+    state entering the step and x0_hat the model's prediction there, as Diffusion computes them."""
+    images = run(model, 3, seed=2, sampler=sampler, steps=steps, batch_size=2)
+    result = run(model, 3, seed=2, sampler=sampler, steps=steps, batch_size=2, return_intermediates=5)
+    d = model.diffusion if steps is None else model.diffusion.respace(steps)
+    count = d.num_timesteps
+    positions = sorted(set(range(0, count, 5)) | {count - 1})
+    assert isinstance(result, ddpm_fast.SampleResult) and torch.equal(result.images, images)
+    assert result.timesteps == tuple(int(d.timestep_map[count - 1 - j]) + 1 for j in positions)
+    assert result.timesteps[0] == T and result.timesteps[-1] == 1
+    assert result.x_t.shape == result.x0_hat.shape == (len(positions), 3, 1, 8, 8)
+    index = torch.arange(3)
+    x_T = philox.randn(index, torch.full((3,), T), (1, 8, 8), seed=2, stream=philox.STREAM_X_T)
+    assert torch.equal(result.x_t[0], x_T)
+    with torch.no_grad():
+        for k, j in enumerate(positions):
+            t = torch.full((3,), count - 1 - j)
+            eps = model.eval()(result.x_t[k], d.timestep_map[t])
+            want = d.predict_x0_from_eps(result.x_t[k], t, eps).clamp(-1, 1)
+            assert torch.allclose(result.x0_hat[k], want, atol=1e-5), k
+    if sampler == "ddpm":  # the last step's mean is its x0_hat (no noise at t = 1)
+        assert torch.allclose(result.x0_hat[-1], images, atol=1e-6)
+    # the prediction approaches the image as t falls
+    errors = [float((x0 - images).abs().mean()) for x0 in result.x0_hat]
+    assert errors[-1] < errors[0]
+
+
+def test_progressive_grid_png(model, tmp_path):
+    from PIL import Image
+
+    result = run(model, 3, seed=1, return_intermediates=4)
+    path = result.save_grid(tmp_path / "progressive.png", max_images=2)
+    columns = len(result.timesteps) + 1  # the recorded steps, then the final image
+    assert Image.open(path).size == (2 + columns * 10, 2 + 2 * 10)  # 8x8 images, 2-pixel padding
+    result.save_grid(tmp_path / "x_t.png", which="x_t")
+    with pytest.raises(ValueError, match="which must be"):
+        result.save_grid(tmp_path / "bad.png", which="eps")
+
+
+# ---------------------------------------------------------------------------------------------------- memory
+def test_memory_readings_on_the_cpu():
+    from ddpm_fast import memory
+
+    def hold_64_mib():
+        block = torch.empty(16 * 2**20)  # 64 MiB, written, then held for 20 ms (the poller reads every 0.1 ms)
+        block.fill_(1.0)
+        time.sleep(0.02)
+
+    peak = memory.peak_bytes(hold_64_mib, torch.device("cpu"))
+    assert 64 * 2**20 <= peak < 80 * 2**20
+    assert memory.free_bytes(torch.device("cpu")) > 64 * 2**20
+    assert memory.peak_bytes(hold_64_mib, torch.device("meta")) is None
+
+
+def test_batch_size_defaults_to_what_fits_and_a_batch_too_big_is_refused(monkeypatch):
+    """Checked on the CPU with the probe switched on there (it is on for CUDA only) and the free memory set: a model
+    that holds 32 MiB per image while it runs fits 4 images in 0.8 x 190 MiB (4.75, so measurement noise of a MiB
+    cannot change it)."""
+    from ddpm_fast import memory, sampling
+
+    batches = []
+
+    def model(x, t):
+        batches.append(x.shape[0])
+        block = torch.empty(x.shape[0], 8 * 2**20)  # 32 MiB per image, held for 10 ms
+        block.fill_(0.0)
+        time.sleep(0.01)
+        return torch.zeros_like(x)
+
+    monkeypatch.setattr(sampling, "PROBED_DEVICES", ("cpu", "cuda"))
+    monkeypatch.setattr(memory, "free_bytes", lambda device: 190 * 2**20)
+    kwargs = dict(shape=(1, 8, 8), diffusion=Diffusion(timesteps=2))
+    images = run(model, 10, **kwargs)
+    assert batches[:2] == [1, 2]  # the probe
+    assert batches[2:] == [4, 4, 4, 4, 2, 2] and images.shape == (10, 1, 8, 8)  # batches of 4, 4, 2; two steps each
+    with pytest.raises(ValueError, match=r"batch_size=8 does not fit: 0.19 GiB free on cpu.*batch_size=4 would"):
+        run(model, 10, batch_size=8, **kwargs)
+    monkeypatch.setattr(memory, "free_bytes", lambda device: 20 * 2**20)
+    with pytest.raises(MemoryError, match="not even one image fits"):
+        run(model, 10, **kwargs)
