@@ -2,7 +2,7 @@
 Each step is the model call and one fused reverse-step op (ddpm_fast/ops/diffusion_step.py).
 
 Noise is keyed by the global sample index (DESIGN.md), so the images do not depend on the batch split.
-The loop keeps t on the device and checks for NaN/inf with a device-side flag read once per batch.
+The loop keeps t on the device and checks for NaN/inf with a device-side flag per batch, read once at the end.
 """
 from __future__ import annotations
 
@@ -205,13 +205,16 @@ def sample(model, n: int, *, diffusion: Diffusion | None = None, sampler: str = 
         slot = {j: k for k, j in enumerate(recorded)}  # loop position -> index in the recorded tensors
         x_ts = torch.empty(len(recorded), n, *shape, dtype=torch.float32, device=device)
         x0_hats = torch.empty_like(x_ts)
-        with tqdm(total=-(-n // batch_size) * steps_count, desc="sampling", unit="step",
+        batches = -(-n // batch_size)
+        # per batch, the first step whose output went non-finite (-1: none), kept on the device: read once at the end
+        first_bad = torch.full((batches,), -1, dtype=torch.int64, device=device)
+        with tqdm(total=batches * steps_count, desc="sampling", unit="step",
                   disable=not progress) as bar, torch.inference_mode():
-            for start in range(0, n, batch_size):
+            for b, start in enumerate(range(0, n, batch_size)):
                 stop = min(start + batch_size, n)
                 index = torch.arange(start, stop, device=device)
                 x = philox.randn(index, torch.full_like(index, t_start), shape, seed=seed, stream=philox.STREAM_X_T)
-                first_bad = torch.full((), -1, dtype=torch.int64, device=device)
+                bad = first_bad[b]
                 for j, i in enumerate(reversed(range(steps_count))):
                     t = timesteps[i].expand(stop - start)
                     k = slot.get(j)
@@ -221,15 +224,16 @@ def sample(model, n: int, *, diffusion: Diffusion | None = None, sampler: str = 
                                                         write_x0=k is not None)
                     if k is not None:
                         x0_hats[k, start:stop] = x0_hat
-                    # remember the first step that went non-finite, without a host sync per step
-                    first_bad = torch.where((first_bad < 0) & ~torch.isfinite(x).all(), timestep_map[i], first_bad)
+                    # remember the first step that went non-finite, without a host sync
+                    bad.copy_(torch.where((bad < 0) & ~torch.isfinite(x).all(), timestep_map[i], bad))
                     bar.update(1)
-                bad = int(first_bad)
-                if bad >= 0:
-                    raise FloatingPointError(
-                        f"sampling produced NaN/inf in the reverse step from t={bad} (code index; paper t={bad + 1}) "
-                        f"for images {start}..{stop - 1}; check the model's output at that timestep")
                 images[start:stop] = x.clamp(-1.0, 1.0)
+        for b, step in enumerate(first_bad.tolist()):  # the one sync of the run
+            if step >= 0:
+                start, stop = b * batch_size, min((b + 1) * batch_size, n)
+                raise FloatingPointError(
+                    f"sampling produced NaN/inf in the reverse step from t={step} (code index; paper t={step + 1}) "
+                    f"for images {start}..{stop - 1}; check the model's output at that timestep")
     finally:
         if was_training:
             model.train()

@@ -82,6 +82,14 @@ def test_nan_is_reported_with_its_step(model):
     with pytest.raises(FloatingPointError, match=r"step from t=5 \(code index; paper t=6\)"):
         run(broken, 2, shape=(1, 8, 8), diffusion=Diffusion(timesteps=T))
 
+    def broken_second(x, t):  # only the images from index 2 on (the second batch of two) go bad, from t = 7
+        eps = model(x, t)
+        bad = (x.shape[0] == 1) & (t[:, None, None, None] <= 7)
+        return torch.where(bad, torch.full_like(eps, float("nan")), eps)
+
+    with pytest.raises(FloatingPointError, match=r"from t=7 \(code index; paper t=8\) for images 2\.\.2"):
+        run(broken_second, 3, shape=(1, 8, 8), diffusion=Diffusion(timesteps=T), batch_size=2)
+
 
 def test_bad_input_names_the_argument(model):
     for n in [0, -3, 2.5, True, "4"]:
