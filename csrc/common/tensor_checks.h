@@ -180,6 +180,35 @@ inline void check_group_norm_stats(const at::Tensor& shift, const at::Tensor& rs
                 x.device(), ", got ", stat->scalar_type(), " ", stat->sizes(), " on ", stat->device());
 }
 
+// The forward's outputs: y like the prepared x, and the statistics (N, num_groups) in the accumulation dtype, zeros
+// when x is empty (there are no statistics then; zeros, not uninitialised memory).
+struct GroupNormOutputs {
+  at::Tensor y, shift, rstd;
+};
+
+inline GroupNormOutputs group_norm_outputs(const GroupNormInputs& p, int64_t num_groups) {
+  at::Tensor shift = at::empty({p.x.size(0), num_groups}, p.x.options().dtype(acc_dtype(p.x.scalar_type())));
+  at::Tensor rstd = at::empty_like(shift);
+  if (p.x.numel() == 0) {
+    shift.zero_();
+    rstd.zero_();
+  }
+  return {at::empty_like(p.x), shift, rstd};
+}
+
+// The backward's buffers: grad_y in x's layout and dtype, dx, and the per-(sample, channel) partial sums of dweight,
+// dbias and dadd (dadd undefined without add), zeroed, in the accumulation dtype.
+struct GroupNormGradBuffers {
+  at::Tensor dy, dx, dw_nc, db_nc, dadd;
+};
+
+inline GroupNormGradBuffers group_norm_grad_buffers(const GroupNormInputs& p, const at::Tensor& grad_y) {
+  const at::Tensor dw_nc =
+      at::zeros({p.x.size(0), p.x.size(1)}, p.x.options().dtype(acc_dtype(p.x.scalar_type())));
+  return {like(grad_y, p.x).to(p.x.scalar_type()), at::empty_like(p.x), dw_nc, at::zeros_like(dw_nc),
+          p.add.defined() ? at::zeros_like(dw_nc) : at::Tensor()};
+}
+
 // The backward's outputs from its per-(sample, channel) partials: dweight and dbias summed over the samples (a fixed-
 // order (N, C) -> (C,) reduction) in the parameters' dtypes, and dadd in add's dtype (empty without add).
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_parameter_grads(

@@ -215,11 +215,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu_cpu(
     const at::Tensor& counter2, int64_t seed, int64_t c3) {
   const GroupNormInputs p = prepare_group_norm(x_in, weight, bias, add, num_groups, dropout, sample_index, counter2,
                                                at::kCPU, "group_norm_silu");
-  const at::ScalarType acc = acc_dtype(x_in.scalar_type());
-  at::Tensor y = at::empty_like(p.x);
-  at::Tensor shift = at::empty({x_in.size(0), num_groups}, p.x.options().dtype(acc));
-  at::Tensor rstd = at::empty_like(shift);
-  if (p.x.numel() == 0) return {y, shift.zero_(), rstd.zero_()};  // no statistics: zeros, not garbage
+  const GroupNormOutputs out = group_norm_outputs(p, num_groups);
+  const at::Tensor &y = out.y, &shift = out.shift, &rstd = out.rstd;
+  if (p.x.numel() == 0) return {y, shift, rstd};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, p.x.scalar_type(), "group_norm_silu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto args = args_of<acc_t>(p, num_groups, act, dropout, seed, c3);
@@ -242,13 +240,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_norm_silu_backw
       prepare_group_norm(x_in, weight, bias, add, num_groups, dropout, sample_index, counter2, at::kCPU, op);
   check_same_shape(x_in, grad_y, op, "x", "grad_y");
   check_group_norm_stats(shift, rstd, x_in, num_groups, op);
-  const at::ScalarType acc = acc_dtype(x_in.scalar_type());
-  const int64_t batch = x_in.size(0), channels = x_in.size(1);
-  const at::Tensor dy = like(grad_y, p.x).to(p.x.scalar_type());
-  at::Tensor dx = at::empty_like(p.x);
-  at::Tensor dw_nc = at::zeros({batch, channels}, p.x.options().dtype(acc));
-  at::Tensor db_nc = at::zeros_like(dw_nc);
-  at::Tensor dadd = p.add.defined() ? at::zeros({batch, channels}, p.x.options().dtype(acc)) : at::Tensor();
+  const int64_t batch = x_in.size(0);
+  const GroupNormGradBuffers buf = group_norm_grad_buffers(p, grad_y);
+  const at::Tensor &dy = buf.dy, &dx = buf.dx, &dw_nc = buf.dw_nc, &db_nc = buf.db_nc, &dadd = buf.dadd;
   if (p.x.numel() > 0) {
     const at::Tensor sc = shift.contiguous(), rc = rstd.contiguous();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, p.x.scalar_type(), "group_norm_silu_backward", [&] {

@@ -165,10 +165,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu_cuda(
   const GroupNormInputs p = prepare_group_norm(x_in, weight, bias, add, num_groups, dropout, sample_index, counter2,
                                                at::kCUDA, "group_norm_silu");
   const c10::cuda::CUDAGuard guard(x_in.device());
-  at::Tensor y = at::empty_like(p.x);
-  at::Tensor shift = at::empty({x_in.size(0), num_groups}, p.x.options().dtype(at::kFloat));
-  at::Tensor rstd = at::empty_like(shift);
-  if (p.x.numel() == 0) return {y, shift.zero_(), rstd.zero_()};  // no statistics: zeros, not garbage
+  const GroupNormOutputs out = group_norm_outputs(p, num_groups);
+  const at::Tensor &y = out.y, &shift = out.shift, &rstd = out.rstd;  // (float32 statistics: no float64 on CUDA)
+  if (p.x.numel() == 0) return {y, shift, rstd};
   C10_CUDA_CHECK(cuda::group_norm_silu(dtype_of(p.x), group_norm_params(p, num_groups, act, dropout, seed, c3),
                                        p.x.data_ptr(), y.data_ptr(), static_cast<float>(eps), shift.data_ptr<float>(),
                                        rstd.data_ptr<float>(), c10::cuda::getCurrentCUDAStream()));
@@ -185,12 +184,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_norm_silu_backw
   check_same_shape(x_in, grad_y, op, "x", "grad_y");
   check_group_norm_stats(shift, rstd, x_in, num_groups, op);
   const c10::cuda::CUDAGuard guard(x_in.device());
-  const int64_t batch = x_in.size(0), channels = x_in.size(1);
-  const at::Tensor dy = like(grad_y, p.x).to(p.x.scalar_type());
-  at::Tensor dx = at::empty_like(p.x);
-  at::Tensor dw_nc = at::zeros({batch, channels}, p.x.options().dtype(at::kFloat));
-  at::Tensor db_nc = at::zeros_like(dw_nc);
-  at::Tensor dadd = p.add.defined() ? at::zeros_like(dw_nc) : at::Tensor();
+  const GroupNormGradBuffers buf = group_norm_grad_buffers(p, grad_y);
+  const at::Tensor &dy = buf.dy, &dx = buf.dx, &dw_nc = buf.dw_nc, &db_nc = buf.db_nc, &dadd = buf.dadd;
   if (p.x.numel() > 0) {
     const at::Tensor sc = shift.contiguous(), rc = rstd.contiguous();
     C10_CUDA_CHECK(cuda::group_norm_silu_backward(
