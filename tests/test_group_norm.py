@@ -91,7 +91,9 @@ def test_mean_1e3_std_1e3_is_normalised_with_shifted_statistics(backend, act):
     w, b = torch.rand(64, generator=g) + 0.5, torch.randn(64, generator=g)
     add = (1e-3 * torch.randn(4, 64, generator=g, dtype=torch.float64)).float()
     truth = reference(x, w, b, 32, add, act, 0.0)
-    assert relative_error(gn.group_norm_silu(x, w, b, 32, 1e-6, add=add, act=act, backend=backend), truth) < 1e-4
+    for layout, xx in layouts(x):
+        got = gn.group_norm_silu(xx, w, b, 32, 1e-6, add=add, act=act, backend=backend)
+        assert relative_error(got, truth) < 1e-4, layout
     eager = F.group_norm(x + add[:, :, None, None], 32, w, b, 1e-6)
     assert relative_error(F.silu(eager) if act else eager, truth) > 1e-3  # why the shift is needed
 
@@ -146,15 +148,19 @@ def test_backward_is_deterministic():
         assert all(torch.equal(a, b) for a, b in zip(runs[0], other))
 
 
-# Forward and gradients of the C++ op on float32 contiguous x, written to argv[1]: rows of 81 (a 64-element block, a
-# vector and a one-element tail), 21, 64 and 1 positions, with and without add, SiLU and dropout.
+# Forward and gradients of the C++ op on float32 x, written to argv[1]: rows of 81 (a 64-element block, a vector and a
+# one-element tail), 21, 64 and 1 positions, with and without add, SiLU and dropout; contiguous, and channels_last
+# (k + 4: 8, 6 and 64 channels, a masked vector of channels and four groups in one vector).
 ISA_PROBE = """
 import sys, torch
 from ddpm_fast.ops import group_norm as gn
 out = {}
-for k, (shape, groups) in enumerate([((2, 8, 9, 9), 4), ((3, 6, 3, 7), 3), ((2, 64, 8, 8), 32), ((1, 4, 1, 1), 4)]):
-    g = torch.Generator().manual_seed(k)
+cases = [((2, 8, 9, 9), 4), ((3, 6, 3, 7), 3), ((2, 64, 8, 8), 32), ((1, 4, 1, 1), 4)]
+for k, (shape, groups) in enumerate(cases + cases[:3]):
+    g = torch.Generator().manual_seed(k % 4)
     x, grad_y = 3 * torch.randn(shape, generator=g) + 0.5, torch.randn(shape, generator=g)
+    if k >= 4:
+        x = x.contiguous(memory_format=torch.channels_last)
     w, b, add = 1 + 0.5 * torch.randn(shape[1], generator=g), torch.randn(shape[1], generator=g), torch.randn(shape[:2], generator=g)
     for act, dropout in [(True, 0.0), (False, 0.0), (True, 0.3)]:
         leaves = [t.clone().requires_grad_() for t in (x, w, b, add)]
@@ -167,15 +173,16 @@ torch.save(out, sys.argv[1])
 
 
 def test_every_cpu_instruction_set_equals_the_reference(tmp_path):
-    """float32 contiguous x runs the AVX-512 kernels (group_norm_avx512.cpp) where the CPU has AVX-512, the portable
-    kernels otherwise ($DDPM_FAST_CPU_ISA=portable forces them; avx2 runs the portable kernels' AVX2 clone): each
-    against the float64 reference, forward and gradients, and the same dropout mask."""
+    """float32 contiguous x (and channels_last x in the forward without dropout) runs the AVX-512 kernels
+    (group_norm_avx512.cpp) where the CPU has AVX-512, the portable kernels otherwise ($DDPM_FAST_CPU_ISA=portable
+    forces them; avx2 runs the portable kernels' AVX2 clone): each against the float64 reference, forward and
+    gradients, and the same dropout mask."""
     results = {}
     for isa in cpu_isas():
         done = run_with_cpu_isa(isa, ISA_PROBE, str(tmp_path / f"{isa}.pt"))
         assert done.returncode == 0, done.stderr[-2000:]
         results[isa] = torch.load(tmp_path / f"{isa}.pt")
-    groups_of = {0: 4, 1: 3, 2: 32, 3: 4}
+    groups_of = {0: 4, 1: 3, 2: 32, 3: 4, 4: 4, 5: 3, 6: 32}
     for isa, result in results.items():
         for (k, act, dropout), (y, *grads_and_inputs) in result.items():
             grads, (x, w, b, add, grad_y) = grads_and_inputs[:4], grads_and_inputs[4:]
@@ -310,3 +317,16 @@ def test_unet_on_the_fused_op_equals_the_reference_op(training):
     if training:  # dropout did something, and the same thing in both
         net.eval()
         assert relative_error(net(x, t), out) > 1e-3
+
+
+def test_a_call_without_dropout_after_inference_mode_still_trains():
+    """Calls without dropout share one placeholder for the counter words (no mask to draw); made inside
+    inference_mode first, it must still be a normal tensor that a later training call can save for its backward."""
+    from ddpm_fast.ops import group_norm as ops
+    ops._placeholders.clear()
+    x, w, b = torch.randn(2, 8, 3, 3), torch.randn(8), torch.randn(8)
+    with torch.inference_mode():
+        ops.group_norm_silu(x, w, b, 4, 1e-6)
+    leaf = x.clone().requires_grad_()
+    ops.group_norm_silu(leaf, w, b, 4, 1e-6).sum().backward()
+    assert leaf.grad is not None and torch.isfinite(leaf.grad).all()

@@ -1,8 +1,8 @@
 // CPU kernels of the fused GroupNorm (+ per-(n, c) add, SiLU, dropout): forward and backward, one task per
 // (sample, group), two passes over the group each way (statistics, then the output), deterministic. Per-element
 // math: csrc/include/ddpm_fast/group_norm.h (shared with CUDA). The dropout mask is regenerated from Philox stream 4
-// in the backward, never stored. These portable kernels serve every dtype and layout; float32 contiguous x goes to
-// group_norm_avx512.cpp where the CPU has AVX-512.
+// in the backward, never stored. These portable kernels serve every dtype and layout; float32 contiguous x (and the
+// forward of float32 channels_last x without dropout) goes to group_norm_avx512.cpp where the CPU has AVX-512.
 // FMA contraction here (setup.py turns it off for the noise kernels, whose bits must not depend on the instruction
 // set): SiLU's exp polynomial is half the instructions with it. GroupNorm's results already depend on the vector
 // width through the order of its sums.
@@ -30,7 +30,8 @@ using cpu::GroupNormArgs;
 using cpu::offset;
 
 // The AVX-512 kernels (group_norm_avx512.cpp) take float32 contiguous x where the CPU has AVX-512, unless
-// $DDPM_FAST_CPU_ISA asks for another instruction set.
+// $DDPM_FAST_CPU_ISA asks for another instruction set (float32 channels_last x without dropout: the forward's
+// per-sample kernel, group_norm_forward_kernel).
 template <typename scalar_t, bool kChannelsLast>
 bool use_avx512() {
   return std::is_same_v<scalar_t, float> && !kChannelsLast && cpu::cpu_isa() == cpu::Isa::avx512;
@@ -98,6 +99,16 @@ void forward_group(const GroupNormArgs<acc_t>& a, const scalar_t* x, scalar_t* y
 template <typename scalar_t, typename acc_t, bool kAct, bool kDropout, bool kChannelsLast>
 void group_norm_forward_kernel(const GroupNormArgs<acc_t>& a, const scalar_t* x, scalar_t* y, acc_t* shift_out,
                                acc_t* rstd_out, int64_t batch, acc_t eps) {
+  if constexpr (std::is_same_v<scalar_t, float> && kChannelsLast && !kDropout) {
+    if (cpu::cpu_isa() == cpu::Isa::avx512) {  // one task per sample: the layout interleaves its groups
+      at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
+        std::vector<float> buf;
+        for (int64_t n = begin; n < end; ++n)
+          cpu::forward_sample_nhwc_avx512<kAct>(a, x, y, shift_out, rstd_out, n, eps, n + 1 < end, buf);
+      });
+      return;
+    }
+  }
   const bool avx512 = use_avx512<scalar_t, kChannelsLast>();
   at::parallel_for(0, batch * a.groups, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> u;

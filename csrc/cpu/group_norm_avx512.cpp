@@ -7,6 +7,8 @@
 // both ($DDPM_FAST_CPU_ISA=portable).
 #include <immintrin.h>
 
+#include <algorithm>
+#include <type_traits>
 #include <vector>
 
 #include "ddpm_fast/group_norm.h"
@@ -17,29 +19,11 @@
 // inline copy with AVX-512 instructions could be the one the linker keeps for the portable kernels).
 #pragma GCC push_options
 #pragma GCC target("avx512f")
+#include "avx512_math.h"
 
 namespace ddpm_fast {
 namespace cpu {
 namespace {
-
-#define DDPM_AVX512 __attribute__((always_inline)) inline
-
-// exp(-z), z clamped to [-88, 87]: fastmath.h's exp_clamped on 16 lanes with FMA and 2^n by vscalefps. The
-// negation is folded in: with t = z + n ln 2 = -r, exp(-z) = 1 - t + t^2 q(-t), q's odd coefficients negated.
-DDPM_AVX512 __m512 exp_neg16(__m512 z) {
-  z = _mm512_min_ps(_mm512_max_ps(z, _mm512_set1_ps(-88.0f)), _mm512_set1_ps(87.0f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(z, _mm512_set1_ps(-kLog2e)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 t = _mm512_fmadd_ps(n, _mm512_set1_ps(kLn2Hi), z);
-  t = _mm512_fmadd_ps(n, _mm512_set1_ps(kLn2Lo), t);
-  __m512 q = _mm512_set1_ps(kExpQ4);
-  q = _mm512_fmadd_ps(q, t, _mm512_set1_ps(-kExpQ3));
-  q = _mm512_fmadd_ps(q, t, _mm512_set1_ps(kExpQ2));
-  q = _mm512_fmadd_ps(q, t, _mm512_set1_ps(-kExpQ1));
-  q = _mm512_fmadd_ps(q, t, _mm512_set1_ps(kExpQ0));
-  const __m512 e = _mm512_fmadd_ps(_mm512_mul_ps(q, t), t, _mm512_sub_ps(_mm512_set1_ps(1.0f), t));
-  return _mm512_scalef_ps(e, n);
-}
 
 // sigmoid(z) = 1 / (1 + exp(-z)): a true divide (on this core as fast as rcp14 and a Newton step, and exact).
 DDPM_AVX512 __m512 sigmoid16(__m512 z) {
@@ -69,8 +53,6 @@ DDPM_AVX512 void for_row(int64_t spatial, const F& f) {
   for (; s + 16 <= spatial; s += 16) f(s, static_cast<__mmask16>(0xffff));
   if (s < spatial) f(s, static_cast<__mmask16>((1u << (spatial - s)) - 1));
 }
-
-DDPM_AVX512 __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
 
 }  // namespace
 
@@ -130,6 +112,96 @@ void forward_group_avx512(const GroupNormArgs<float>& a, const float* x, float* 
       if constexpr (kDropout) v = _mm512_mul_ps(v, dropout16(load16(uc + s, m), p, scale));
       _mm512_mask_storeu_ps(out + s, m, v);
     });
+  }
+}
+
+// One sample n of float32 channels_last x (no dropout): every group at once, since a position's C channels are
+// contiguous and a group's cg of them interleave with the others'. Pass 1 sums d = (x - px) + (add - pa) per channel
+// over the positions (px, pa: the pivot of the channel's group, as forward_group_avx512), 16 channels per vector;
+// the groups' statistics follow from the channels' sums. Pass 2 writes z = (x - px) w' + kb per channel (w', kb as
+// forward_group_avx512) position after position, reading the sample from L2 (a sample is at most a few hundred KiB
+// at the U-Net's shapes; NCHW's groups fit L1, so this layout's norm is ~15% slower, what its convolutions win back),
+// and prefetches the next sample for its pass 1 when `fetch_next`. `buf` holds 5 C floats.
+template <bool kAct>
+void forward_sample_nhwc_avx512(const GroupNormArgs<float>& a, const float* x, float* y, float* shift_out,
+                                float* rstd_out, int64_t n, float eps, bool fetch_next, std::vector<float>& buf) {
+  const int64_t channels = a.channels, cg = channels / a.groups, spatial = a.spatial;
+  const float* xs = x + n * channels * spatial;
+  float* ys = y + n * channels * spatial;
+  buf.resize(5 * channels);
+  float *px = buf.data(), *da = px + channels, *sum = da + channels, *sum_sq = sum + channels, *kb = sum_sq + channels;
+  for (int64_t c = 0; c < channels; ++c) {
+    const int64_t c0 = c - c % cg;
+    px[c] = xs[c0];  // position 0, the group's first channel
+    da[c] = add_of(a, n, c) - add_of(a, n, c0);
+  }
+  // Pass 1 over chunks of up to kBlocks vectors of channels: the chunk's accumulators stay in registers while the
+  // positions stream by (for C <= 16 kBlocks, whole rows in address order).
+  constexpr int64_t kBlocks = 8;
+  for (int64_t c0 = 0; c0 < channels; c0 += 16 * kBlocks) {
+    const int64_t blocks = std::min<int64_t>(kBlocks, (channels - c0 + 15) / 16);
+    __m512 p[kBlocks], d_add[kBlocks], s[kBlocks], q[kBlocks];
+    __mmask16 m[kBlocks];
+    for (int64_t j = 0; j < kBlocks; ++j) {
+      const int64_t c = c0 + 16 * j;
+      m[j] = j < blocks ? first_lanes(channels - c) : static_cast<__mmask16>(0);
+      p[j] = j < blocks ? load16(px + c, m[j]) : _mm512_setzero_ps();
+      d_add[j] = j < blocks ? load16(da + c, m[j]) : _mm512_setzero_ps();
+      s[j] = q[j] = _mm512_setzero_ps();
+    }
+    const auto run = [&](auto count) {  // count: the chunk's vectors, a compile-time constant (unrolled)
+      for (int64_t pos = 0; pos < spatial; ++pos) {
+        const float* row = xs + pos * channels + c0;
+        for (int64_t j = 0; j < decltype(count)::value; ++j) {
+          const __m512 d = _mm512_add_ps(_mm512_sub_ps(load16(row + 16 * j, m[j]), p[j]), d_add[j]);
+          s[j] = _mm512_add_ps(s[j], d);
+          q[j] = _mm512_fmadd_ps(d, d, q[j]);
+        }
+      }
+    };
+    switch (blocks) {
+      case 1: run(std::integral_constant<int64_t, 1>{}); break;
+      case 2: run(std::integral_constant<int64_t, 2>{}); break;
+      case 3: run(std::integral_constant<int64_t, 3>{}); break;
+      case 4: run(std::integral_constant<int64_t, 4>{}); break;
+      case 5: run(std::integral_constant<int64_t, 5>{}); break;
+      case 6: run(std::integral_constant<int64_t, 6>{}); break;
+      case 7: run(std::integral_constant<int64_t, 7>{}); break;
+      default: run(std::integral_constant<int64_t, 8>{}); break;
+    }
+    for (int64_t j = 0; j < blocks; ++j) {
+      _mm512_mask_storeu_ps(sum + c0 + 16 * j, m[j], s[j]);
+      _mm512_mask_storeu_ps(sum_sq + c0 + 16 * j, m[j], q[j]);
+    }
+  }
+  for (int64_t g = 0; g < a.groups; ++g) {
+    float sg = 0, qg = 0;
+    for (int64_t c = g * cg; c < (g + 1) * cg; ++c) {
+      sg += sum[c];
+      qg += sum_sq[c];
+    }
+    float shift, rstd;
+    shifted_stats(sg, qg, cg * spatial, eps, shift, rstd);
+    shift_out[n * a.groups + g] = shift;
+    rstd_out[n * a.groups + g] = rstd;
+    for (int64_t c = g * cg; c < (g + 1) * cg; ++c) {  // sum, sum_sq become w' and kb
+      const float w_c = a.weight[c] * rstd;
+      sum[c] = w_c;
+      kb[c] = (da[c] - shift) * w_c + a.bias[c];
+    }
+  }
+  const float* next = fetch_next ? xs + channels * spatial : nullptr;
+  for (int64_t pos = 0; pos < spatial; ++pos) {
+    const float* row = xs + pos * channels;
+    float* out = ys + pos * channels;
+    for (int64_t c = 0; c < channels; c += 16) {
+      if (next != nullptr) _mm_prefetch(reinterpret_cast<const char*>(next + pos * channels + c), _MM_HINT_T0);
+      const __mmask16 m = first_lanes(channels - c);
+      __m512 v = _mm512_fmadd_ps(_mm512_sub_ps(load16(row + c, m), load16(px + c, m)), load16(sum + c, m),
+                                 load16(kb + c, m));
+      if constexpr (kAct) v = silu16(v);
+      _mm512_mask_storeu_ps(out + c, m, v);
+    }
   }
 }
 
@@ -200,12 +272,15 @@ void backward_group_avx512(const GroupNormArgs<float>& a, const float* dy, const
   template void backward_group_avx512<act, dropout>(const GroupNormArgs<float>&, const float*, const float*,       \
                                                     const float*, const float*, float*, float*, float*, float*,    \
                                                     int64_t, std::vector<float>&, std::vector<float>&);
+template void forward_sample_nhwc_avx512<false>(const GroupNormArgs<float>&, const float*, float*, float*, float*,
+                                               int64_t, float, bool, std::vector<float>&);
+template void forward_sample_nhwc_avx512<true>(const GroupNormArgs<float>&, const float*, float*, float*, float*,
+                                              int64_t, float, bool, std::vector<float>&);
 DDPM_INSTANTIATE(false, false)
 DDPM_INSTANTIATE(false, true)
 DDPM_INSTANTIATE(true, false)
 DDPM_INSTANTIATE(true, true)
 #undef DDPM_INSTANTIATE
-#undef DDPM_AVX512
 
 }  // namespace cpu
 }  // namespace ddpm_fast

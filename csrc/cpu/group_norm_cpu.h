@@ -51,6 +51,10 @@ inline int64_t draw_uniforms(const GroupNormArgs<acc_t>& a, int64_t n, int64_t c
 template <bool kAct, bool kDropout>
 void forward_group_avx512(const GroupNormArgs<float>& a, const float* x, float* y, float* shift_out, float* rstd_out,
                           int64_t i, int64_t batch_groups, float eps, std::vector<float>& u);
+// One sample of float32 channels_last x without dropout, all its groups (the layout interleaves them).
+template <bool kAct>
+void forward_sample_nhwc_avx512(const GroupNormArgs<float>& a, const float* x, float* y, float* shift_out,
+                                float* rstd_out, int64_t n, float eps, bool fetch_next, std::vector<float>& buf);
 template <bool kAct, bool kDropout>
 void backward_group_avx512(const GroupNormArgs<float>& a, const float* dy, const float* x, const float* shift_in,
                            const float* rstd_in, float* dx, float* dw_nc, float* db_nc, float* dadd, int64_t i,

@@ -1,0 +1,40 @@
+// AVX-512 building blocks shared by the CPU kernels that use intrinsics (group_norm_avx512.cpp, softmax_avx512.cpp).
+// Include only inside a `#pragma GCC target("avx512f")` region, after every other header (ddpm_fast/fastmath.h, for
+// the exp constants, among them: a header first included inside the region would have its inline functions compiled
+// for AVX-512, and the linker could keep that copy for the portable kernels too).
+#pragma once
+#include <immintrin.h>
+
+namespace ddpm_fast {
+namespace cpu {
+namespace {
+
+#define DDPM_AVX512 __attribute__((always_inline)) inline
+
+// exp(-z), z clamped to [-88, 87]: fastmath.h's exp_clamped on 16 lanes with FMA and 2^n by vscalefps. The
+// negation is folded in: with t = z + n ln 2 = -r, exp(-z) = 1 - t + t^2 q(-t), q's odd coefficients negated.
+DDPM_AVX512 __m512 exp_neg16(__m512 z) {
+  z = _mm512_min_ps(_mm512_max_ps(z, _mm512_set1_ps(-88.0f)), _mm512_set1_ps(87.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(z, _mm512_set1_ps(-kLog2e)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 t = _mm512_fmadd_ps(n, _mm512_set1_ps(kLn2Hi), z);
+  t = _mm512_fmadd_ps(n, _mm512_set1_ps(kLn2Lo), t);
+  __m512 q = _mm512_set1_ps(kExpQ4);
+  q = _mm512_fmadd_ps(q, t, _mm512_set1_ps(-kExpQ3));
+  q = _mm512_fmadd_ps(q, t, _mm512_set1_ps(kExpQ2));
+  q = _mm512_fmadd_ps(q, t, _mm512_set1_ps(-kExpQ1));
+  q = _mm512_fmadd_ps(q, t, _mm512_set1_ps(kExpQ0));
+  const __m512 e = _mm512_fmadd_ps(_mm512_mul_ps(q, t), t, _mm512_sub_ps(_mm512_set1_ps(1.0f), t));
+  return _mm512_scalef_ps(e, n);
+}
+
+DDPM_AVX512 __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+
+// The mask of the first `count` lanes (all 16 for count >= 16).
+DDPM_AVX512 __mmask16 first_lanes(int64_t count) {
+  return count >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << count) - 1);
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace ddpm_fast
