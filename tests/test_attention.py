@@ -93,14 +93,32 @@ def test_no_score_matrix_of_all_queries_is_held():
     assert relative_error(outputs[0], att.attention_block_reference(x, *params, 4, 1e-6)) < 1e-5
 
 
-def test_opcheck():
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=str)
+def test_opcheck(layout):
     x, nw, nb, *rest = inputs((2, 8, 3, 5), 5)
     folded = att.fold_weights(*rest)
-    args = (x.requires_grad_(), nw, nb, *folded, 4, 1e-6)
-    torch.library.opcheck(torch.ops.ddpm_fast.attention_block.default, args)
+    args = (x.contiguous(memory_format=layout).requires_grad_(), nw, nb, *folded, 4, 1e-6)
+    torch.library.opcheck(torch.ops.ddpm_fast.attention_block.default, args)  # the fake's strides too
     out = torch.ops.ddpm_fast.attention_block(*args)
     torch.library.opcheck(torch.ops.ddpm_fast.attention_block_backward.default,
-                          (torch.randn_like(x), x.detach(), nw, nb, *folded, *out[1:], 4))
+                          (torch.randn_like(x), args[0].detach(), nw, nb, *folded, *out[1:], 4))
+
+
+@pytest.mark.parametrize("shape,groups", [c for c in CASES if c[0][2] * c[0][3] > 1], ids=str)
+def test_cpp_runs_channels_last_in_its_layout(shape, groups):
+    """channels_last x (the CPU sampler's layout) runs without a copy to contiguous: y comes back channels_last, and
+    y and every gradient equal the contiguous run's."""
+    tensors = inputs(shape, 6)
+    grad_y = torch.randn(shape, generator=torch.Generator().manual_seed(7))
+    want_y, want_grads = run(tensors, groups, torch.float32, "cpp", grad_y)
+    x = tensors[0].contiguous(memory_format=torch.channels_last).requires_grad_()
+    leaves = [x] + [t.clone().requires_grad_() for t in tensors[1:]]
+    y = att.attention_block(*leaves, groups, 1e-6, backend="cpp")
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    y.backward(grad_y)
+    assert relative_error(y, want_y) < 1e-5
+    for name, leaf, want in zip(NAMES, leaves, want_grads):
+        assert relative_error(leaf.grad, want) < 1e-4, name
 
 
 @pytest.mark.parametrize("backend", ["cpp", pytest.param("triton", marks=pytest.mark.gpu)])

@@ -16,6 +16,8 @@
 #include <tuple>
 
 #include "../common/tensor_checks.h"
+#include "cpu_isa.h"
+#include "softmax_cpu.h"
 
 namespace ddpm_fast {
 namespace {
@@ -29,9 +31,17 @@ struct Tiling {
   int64_t queries, samples, query_blocks, sample_chunks;
 };
 
+// At least one tile per thread where the work allows (at 8x8 tokens the budget alone put a batch of 16 in one tile,
+// on one core): samples per tile at most n / threads, and queries split where there are fewer samples than threads.
 Tiling tiling(int64_t n, int64_t tokens) {
-  const int64_t queries = std::clamp<int64_t>(kScoreBudget / std::max<int64_t>(tokens, 1), 1, tokens);
-  const int64_t samples = std::clamp<int64_t>(kScoreBudget / std::max<int64_t>(queries * tokens, 1), 1, n);
+  const int64_t threads = std::max<int64_t>(at::get_num_threads(), 1);
+  const int64_t split = std::max<int64_t>((threads + std::max<int64_t>(n, 1) - 1) / std::max<int64_t>(n, 1), 1);
+  const int64_t queries = std::clamp<int64_t>(std::min(kScoreBudget / std::max<int64_t>(tokens, 1),
+                                                       (tokens + split - 1) / split),
+                                              1, std::max<int64_t>(tokens, 1));
+  const int64_t samples = std::clamp<int64_t>(std::min(kScoreBudget / std::max<int64_t>(queries * tokens, 1),
+                                                       (n + threads - 1) / threads),
+                                              1, std::max<int64_t>(n, 1));
   return {queries, samples, (tokens + queries - 1) / queries, (n + samples - 1) / samples};
 }
 
@@ -100,15 +110,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const Folded f = check_folded(x_in, norm_weight, norm_bias, score_weight, score_bias, out_weight, out_bias, op);
   const at::ScalarType acc = acc_dtype(x_in.scalar_type());
   const int64_t n = x_in.size(0), c = x_in.size(1), tokens = x_in.size(2) * x_in.size(3);
-  const at::Tensor x = x_in.to(acc).contiguous();
+  // channels_last x runs as it is: its (n, c, L) views are the transposes of contiguous (n, L, c) matrices, which
+  // the GEMMs take as they come (h^T and g^T rows are then the contiguous ones)
+  const bool channels_last = is_channels_last(x_in);
+  const at::Tensor x = x_in.to(acc).contiguous(channels_last ? at::MemoryFormat::ChannelsLast
+                                                             : at::MemoryFormat::Contiguous);
   auto [h4, shift, rstd] = group_norm(x, f.norm_weight, f.norm_bias, num_groups, eps);
-  const at::Tensor h = h4.view({n, c, tokens});
-  // g = M h + m for every sample (matmul of the shared M: 1.5x faster at 8x8 than baddbmm with the bias as C input)
-  at::Tensor g = at::matmul(f.score_weight, h);
+  const at::Tensor h = h4.view({n, c, tokens});  // channels_last: strides (L c, 1, c)
+  // g = M h + m for every sample (matmul of the shared M: 1.5x faster at 8x8 than baddbmm with the bias as C input);
+  // channels_last: g^T = h^T M^T, so that g has h's strides
+  at::Tensor g = channels_last ? at::matmul(h.transpose(1, 2), f.score_weight.t()).transpose(1, 2)
+                               : at::matmul(f.score_weight, h);
   g.add_(f.score_bias.view({1, c, 1}));
   at::Tensor o_t = at::empty({n, tokens, c}, x.options());  // o^T: a block of queries is a block of rows
   at::Tensor lse = at::empty({n, tokens}, x.options());
   const Tiling t = tiling(n, tokens);
+  const bool fast_softmax = acc == at::kFloat && cpu::cpu_isa() == cpu::Isa::avx512;
   if (n * tokens > 0) {
     const at::ThreadLocalState state;  // the caller's inference / grad mode and dispatch keys, for the workers
     at::parallel_for(0, t.sample_chunks * t.query_blocks, 1, [&](int64_t begin, int64_t end) {
@@ -119,11 +136,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         const int64_t count = std::min(t.samples, n - s0), rows = std::min(t.queries, tokens - q0);
         const at::Tensor h_c = h.narrow(0, s0, count);
         at::Tensor p = scores.narrow(0, 0, count * rows * tokens).view({count, rows, tokens});  // contiguous
-        at::Tensor lse_c = at::logsumexp(at::bmm_out(p, g.narrow(0, s0, count).narrow(2, q0, rows).transpose(1, 2),
-                                                     h_c),  // scores of these queries against every key
-                                         {2}, true);
-        lse.narrow(0, s0, count).narrow(1, q0, rows).copy_(lse_c.squeeze(2));
-        p.sub_(lse_c).exp_();  // softmax rows
+        // the scores of these queries against every key, then their softmax rows and log-sum-exp
+        at::bmm_out(p, g.narrow(0, s0, count).narrow(2, q0, rows).transpose(1, 2), h_c);
+        if (fast_softmax) {
+          for (int64_t k = 0; k < count; ++k)
+            cpu::softmax_rows_avx512(p.data_ptr<float>() + k * rows * tokens, rows, tokens,
+                                     lse.data_ptr<float>() + (s0 + k) * tokens + q0);
+        } else {
+          const at::Tensor lse_c = at::logsumexp(p, {2}, true);
+          lse.narrow(0, s0, count).narrow(1, q0, rows).copy_(lse_c.squeeze(2));
+          p.sub_(lse_c).exp_();
+        }
         at::Tensor o_c = o_t.narrow(0, s0, count).narrow(1, q0, rows);
         if (o_c.is_contiguous()) {  // (one sample, or all queries of several)
           at::bmm_out(o_c, p, h_c.transpose(1, 2));  // o^T = P h^T, straight into o_t
@@ -133,10 +156,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       }
     });
   }
-  // y = (x + b) + N o, the residual and the bias as the GEMM's C input
-  at::Tensor y = x.view({n, c, tokens}) + f.out_bias.view({1, c, 1});
-  y.baddbmm_(f.out_weight.expand({n, c, c}), o_t.transpose(1, 2));  // in place: no second (n, c, L) buffer
-  return {y.view(x_in.sizes()).to(x_in.scalar_type()), h, g, o_t, lse, shift, rstd};
+  // y = (x + b) + N o, the residual and the bias as the GEMM's C input, in place (no second (n, c, L) buffer);
+  // channels_last: y^T = (x^T + b) + o^T N^T, which is y in that layout
+  at::Tensor y;
+  if (channels_last) {
+    at::Tensor y_t = x.permute({0, 2, 3, 1}).reshape({n, tokens, c}) + f.out_bias.view({1, 1, c});
+    y_t.baddbmm_(o_t, f.out_weight.t().expand({n, c, c}));
+    y = y_t.view({n, x_in.size(2), x_in.size(3), c}).permute({0, 3, 1, 2});
+  } else {
+    y = x.view({n, c, tokens}) + f.out_bias.view({1, c, 1});
+    y.baddbmm_(f.out_weight.expand({n, c, c}), o_t.transpose(1, 2));
+    y = y.view(x_in.sizes());
+  }
+  return {y.to(x_in.scalar_type()), h, g, o_t, lse, shift, rstd};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
@@ -155,9 +187,9 @@ attention_block_backward_cpu(const at::Tensor& grad_y, const at::Tensor& x_in, c
                                            {"g", &g, {n, c, tokens}},
                                            {"o_t", &o_t, {n, tokens, c}},
                                            {"lse", &lse, {n, tokens}}}) {
-    TORCH_CHECK(value->sizes() == at::IntArrayRef(shape) && value->scalar_type() == acc && value->is_contiguous(), op,
-                ": ", name, " must be the forward's (contiguous ", acc, ", shape ", at::IntArrayRef(shape), "), got ",
-                value->scalar_type(), " ", value->sizes());
+    TORCH_CHECK(value->sizes() == at::IntArrayRef(shape) && value->scalar_type() == acc, op, ": ", name,
+                " must be the forward's (", acc, ", shape ", at::IntArrayRef(shape), "), got ", value->scalar_type(),
+                " ", value->sizes());
   }
   const at::Tensor x = x_in.to(acc).contiguous();
   const at::Tensor dy = grad_y.to(acc).contiguous().view({n, c, tokens});

@@ -115,10 +115,14 @@ def _register_cpp_extras() -> None:
     def _(x, norm_weight, norm_bias, score_weight, score_bias, out_weight, out_bias, num_groups, eps):
         n, c, tokens = x.shape[0], x.shape[1], x.shape[2] * x.shape[3]
         acc = acc_dtype(x.dtype)
-        per_token = x.new_empty((n, c, tokens), dtype=acc)
+        # y, h and g in x's layout: channels_last (as the kernel sees it) makes h and g transposed (n, L, c) buffers
+        channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+        y = torch.empty_like(x, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        per_token = [x.new_empty((n, tokens, c), dtype=acc).transpose(1, 2) if channels_last
+                     else x.new_empty((n, c, tokens), dtype=acc) for _ in range(2)]
         stats = x.new_empty((n, num_groups), dtype=acc)
-        return (x.new_empty(x.shape), per_token, torch.empty_like(per_token), x.new_empty((n, tokens, c), dtype=acc),
-                x.new_empty((n, tokens), dtype=acc), stats, torch.empty_like(stats))
+        return (y, *per_token, x.new_empty((n, tokens, c), dtype=acc), x.new_empty((n, tokens), dtype=acc), stats,
+                torch.empty_like(stats))
 
     @torch.library.register_fake("ddpm_fast::attention_block_backward")
     def _(grad_y, x, norm_weight, norm_bias, score_weight, score_bias, out_weight, out_bias, h, g, o_t, lse, shift,
