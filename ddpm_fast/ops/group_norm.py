@@ -120,6 +120,21 @@ _register_cpp_extras()
 
 
 # ---------------------------------------------------------------------------------------------------- public
+_placeholders: dict[torch.device, torch.Tensor] = {}
+
+
+def _no_counters(device: torch.device) -> torch.Tensor:
+    """A placeholder int64 tensor on `device` for the counter words of a call without dropout, which no kernel reads:
+    one per device, so that an inference call allocates nothing for them (they were two small tensors per norm,
+    ~10 us of a U-Net's 41 norms). One element, not empty: a GPU kernel gets a real pointer."""
+    if torch.compiler.is_compiling():
+        return torch.zeros(1, dtype=torch.int64, device=device)
+    if device not in _placeholders:
+        with torch.inference_mode(False):  # a normal tensor: autograd saves it in training calls
+            _placeholders[device] = torch.zeros(1, dtype=torch.int64, device=device)
+    return _placeholders[device]
+
+
 def _describe(x) -> str:
     return f"{x.dtype} tensor of shape {tuple(x.shape)} on {x.device}" if isinstance(x, torch.Tensor) \
         else type(x).__name__
@@ -159,13 +174,16 @@ def group_norm_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, n
     if not 0 <= layer < 2**23:
         raise ValueError(f"group_norm_silu: layer must be in [0, 2^23), got {layer}")
     seed = _check_seed(seed)
-    if sample_index is None:
-        sample_index = torch.arange(x.shape[0], device=x.device)
-    elif not isinstance(sample_index, torch.Tensor) or sample_index.shape != (x.shape[0],) \
-            or sample_index.dtype != torch.int64 or sample_index.device != x.device:
+    if sample_index is not None and (not isinstance(sample_index, torch.Tensor) or sample_index.dtype != torch.int64
+                                     or sample_index.shape != (x.shape[0],) or sample_index.device != x.device):
         raise ValueError(f"group_norm_silu: sample_index must be an int64 tensor of shape ({x.shape[0]},) on "
                          f"{x.device}, got {_describe(sample_index)}")
-    counter2 = torch.full_like(sample_index, step)
+    if dropout == 0:  # no mask to draw: the kernels read no counter words
+        sample_index = counter2 = _no_counters(x.device)
+    else:
+        if sample_index is None:
+            sample_index = torch.arange(x.shape[0], device=x.device)
+        counter2 = torch.full_like(sample_index, step)
     c3 = STREAM_DROPOUT | (layer << 8)
     chosen = _registry.choose("group_norm_silu", x.device, IMPLEMENTED, backend)
     if chosen == "reference":
