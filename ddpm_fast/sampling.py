@@ -3,12 +3,16 @@ Each step is the model call and one fused reverse-step op (ddpm_fast/ops/diffusi
 
 Noise is keyed by the global sample index (DESIGN.md), so the images do not depend on the batch split.
 The loop keeps t on the device and checks for NaN/inf with a device-side flag per batch, read once at the end.
+On a GPU one step (network + reverse step + flag) is captured in a CUDA graph per batch size and replayed: the step
+reads its position from a device counter that the graph itself advances, so every replay is the next step; the
+network runs under bf16 autocast there by default (the state stays float32).
 """
 from __future__ import annotations
 
+import collections
 import os
 from pathlib import Path
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 from torch import nn
@@ -25,6 +29,10 @@ DEFAULT_MAX_BATCH = 256  # larger batches gain little throughput and delay the f
 # limit there; a CPU's RAM rarely is, and the probe's calls would show in a plain callable's side effects.
 PROBED_DEVICES = ("cuda",)
 MEMORY_HEADROOM = 0.8  # of the free memory: the allocator's rounding and fragmentation, and other users
+NETWORK_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# Steps queued on a GPU ahead of the one the host waits for: enough to keep it busy, few enough that the progress
+# bar shows finished steps (without a wait the host would queue the whole run at once).
+STEPS_IN_FLIGHT = 8
 
 
 class SampleResult(NamedTuple):
@@ -92,6 +100,17 @@ def _model_device(model) -> torch.device | None:
     return None
 
 
+def _memory_format(model) -> torch.memory_format:
+    """The state's layout: channels_last where the model's convolution weights are (model.to(memory_format=
+    torch.channels_last)), so that its first convolution gets what the rest of it runs in; else contiguous."""
+    if isinstance(model, nn.Module):
+        for tensor in model.parameters():
+            if tensor.dim() == 4 and not tensor.is_contiguous() and \
+                    tensor.is_contiguous(memory_format=torch.channels_last):
+                return torch.channels_last
+    return torch.contiguous_format
+
+
 def _resolve_shape(model, shape) -> tuple[int, ...]:
     if shape is None:
         if not (hasattr(model, "in_channels") and hasattr(model, "image_size")):
@@ -140,10 +159,164 @@ def _check_positive_int(name: str, value) -> int:
     return value
 
 
+def _network_dtype(asked, device: torch.device) -> torch.dtype:
+    """network_dtype=None: bf16 autocast on a GPU, float32 elsewhere."""
+    if asked is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if asked not in NETWORK_DTYPES:
+        raise ValueError(f"network_dtype must be one of {', '.join(map(str, NETWORK_DTYPES))} or None, got {asked!r}")
+    return asked
+
+
+class _Autocast:
+    """model(x, t) under autocast to `dtype` (its own weight-cast cache off: a CUDA graph must capture the casts)."""
+
+    def __init__(self, model, device_type: str, dtype: torch.dtype):
+        self.model, self.device_type, self.dtype = model, device_type, dtype
+
+    def __call__(self, x, t):
+        with torch.autocast(self.device_type, dtype=self.dtype, cache_enabled=False):
+            return self.model(x, t)
+
+
+class _Batch(NamedTuple):
+    """What the steps of one batch need: x_T, the global sample indices, the batch's NaN flag (a view into the run's:
+    the first original timestep whose output was not finite, -1: none) and the recorded tensors' slices."""
+    x: torch.Tensor
+    index: torch.Tensor
+    bad: torch.Tensor
+    x_ts: torch.Tensor        # (K, B, ...) views into the run's x_t record
+    x0_hats: torch.Tensor
+
+
+class _Engine:
+    """The reverse process over one batch: step(x, t) -> x_{t-1} (and x0_hat), then the flag, run step by step in
+    Python (CPU, or cuda_graph=False) or as a CUDA graph replayed once per step (one graph per batch size)."""
+
+    def __init__(self, diffusion: Diffusion, network: Callable, table, clip_denoised: bool, seed: int,
+                 slot: dict[int, int], device: torch.device, cuda_graph: bool):
+        self.diffusion, self.network, self.table = diffusion, network, table
+        self.clip_denoised, self.seed, self.slot, self.device = clip_denoised, seed, slot, device
+        self.steps_count = diffusion.num_timesteps
+        self.timestep_map = diffusion._on(device, torch.float32)["timestep_map"]  # the tables copy it there once
+        self.graphed = cuda_graph and device.type == "cuda"
+        self.graphs: dict[int, _GraphedStep] = {}
+        self.write_x0 = bool(slot)
+
+    def step(self, x: torch.Tensor, i: torch.Tensor, index: torch.Tensor, bad: torch.Tensor):
+        """x_{t-1} and x0_hat (or None) for x at code step i (a 0-d int64 tensor on the device); bad records the
+        first original timestep whose output is not finite, without a host sync."""
+        t = i.expand(x.shape[0])
+        x, x0_hat = self.diffusion._reverse_step(self.network, x, t, self.table, self.clip_denoised, self.seed,
+                                                 index, write_x0=self.write_x0)
+        original = self.timestep_map.index_select(0, i.view(1)).squeeze(0)
+        bad.copy_(torch.where((bad < 0) & ~torch.isfinite(x).all(), original, bad))
+        return x, x0_hat
+
+    def run(self, batch: _Batch, bar) -> torch.Tensor:
+        """Every step from batch.x; the recorded steps into batch.x_ts / x0_hats, the flag into batch.bad. Returns
+        x_0 (on a GPU with graphs: the graph's buffer, valid until the next batch of its size)."""
+        if self.graphed:
+            size = batch.x.shape[0]
+            if size not in self.graphs:  # (a second size, the last batch's, shares the first one's memory pool)
+                pool = next(iter(self.graphs.values())).graph.pool() if self.graphs else None
+                self.graphs[size] = _GraphedStep(self, batch.x, pool)
+            return self.graphs[size].run(batch, bar)
+        steps = torch.arange(self.steps_count, device=self.device)
+        waits = _InFlight(self.device)
+        x = batch.x
+        for j, i in enumerate(reversed(range(self.steps_count))):
+            k = self.slot.get(j)
+            if k is not None:
+                batch.x_ts[k].copy_(x)
+            x, x0_hat = self.step(x, steps[i], batch.index, batch.bad)
+            if k is not None:
+                batch.x0_hats[k].copy_(x0_hat)
+            waits.mark()
+            bar.update(1)
+        return x
+
+
+class _InFlight:
+    """On a GPU, the host waits for the step STEPS_IN_FLIGHT before the one it just queued (no bubble: the GPU
+    always has work queued), so that the progress bar counts finished steps; a no-op on the CPU."""
+
+    def __init__(self, device: torch.device):
+        self.events = collections.deque() if device.type == "cuda" else None
+
+    def mark(self) -> None:
+        if self.events is None:
+            return
+        event = torch.cuda.Event()
+        event.record()
+        self.events.append(event)
+        if len(self.events) > STEPS_IN_FLIGHT:
+            self.events.popleft().synchronize()
+
+
+class _GraphedStep:
+    """One step of the engine captured in a CUDA graph for one batch size. Its inputs live in static buffers: the
+    state x, the sample indices, the flag and the loop position j, which the graph advances itself (i = T' - 1 - j
+    is computed on the device), so replaying it steps_count times runs the whole reverse process; a new batch of the
+    same size refills the buffers. Warmed up on a side stream first (Triton compiles, cuBLAS / cuDNN choose their
+    kernels), as CUDA graph capture requires."""
+
+    WARMUP = 2
+
+    def __init__(self, engine: _Engine, like: torch.Tensor, pool=None):
+        self.engine = engine
+        size = like.shape[0]
+        self.x = torch.empty_like(like)
+        self.index = torch.zeros(size, dtype=torch.int64, device=like.device)
+        self.bad = torch.full((), -1, dtype=torch.int64, device=like.device)
+        self.j = torch.zeros((), dtype=torch.int64, device=like.device)
+        self.x0_hat = torch.zeros_like(like) if engine.write_x0 else None
+        self.x.copy_(like)
+        side = torch.cuda.Stream(like.device)
+        side.wait_stream(torch.cuda.current_stream(like.device))
+        with torch.cuda.stream(side):
+            for _ in range(self.WARMUP):
+                self._body()
+        torch.cuda.current_stream(like.device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(self.graph, pool=pool):  # replayed in capture order, never at once: safe
+                self._body()
+        except RuntimeError as error:
+            raise RuntimeError(f"the sampling step could not be captured in a CUDA graph ({error}); a model that "
+                               "syncs with the host or changes shape per call cannot be; pass cuda_graph=False")
+
+    def _body(self) -> None:
+        i = (self.engine.steps_count - 1) - self.j
+        x, x0_hat = self.engine.step(self.x, i, self.index, self.bad)
+        self.x.copy_(x)
+        if self.x0_hat is not None:
+            self.x0_hat.copy_(x0_hat)
+        self.j.add_(1)
+
+    def run(self, batch: _Batch, bar) -> torch.Tensor:
+        self.x.copy_(batch.x)
+        self.index.copy_(batch.index)
+        self.bad.fill_(-1)
+        self.j.zero_()
+        waits = _InFlight(self.x.device)
+        for j in range(self.engine.steps_count):
+            k = self.engine.slot.get(j)
+            if k is not None:
+                batch.x_ts[k].copy_(self.x)
+            self.graph.replay()
+            if k is not None:
+                batch.x0_hats[k].copy_(self.x0_hat)
+            waits.mark()
+            bar.update(1)
+        batch.bad.copy_(self.bad)
+        return self.x
+
+
 def sample(model, n: int, *, diffusion: Diffusion | None = None, sampler: str = "ddpm", steps: int | None = None,
            eta: float = 0.0, seed: int = 0, batch_size: int | None = None, device=None, clip_denoised: bool = True,
            variance: str | None = None, shape=None, progress: bool = True, return_intermediates: int = 0, out=None,
-           cuda_graph: bool = True) -> torch.Tensor | SampleResult:
+           cuda_graph: bool = True, network_dtype: torch.dtype | None = None) -> torch.Tensor | SampleResult:
     """Draw n images from the reverse process of `model`.
 
     :param model: an nn.Module or any callable (x_t (B, C, H, W) float32, t (B,) int64) -> eps (B, C, H, W).
@@ -154,14 +327,18 @@ def sample(model, n: int, *, diffusion: Diffusion | None = None, sampler: str = 
     :param seed: the Philox key; image i is a function of (seed, i) alone.
     :param batch_size: images per model call (default: min(n, 256), and on a GPU no more than its free memory
         holds; one that does not fit is an error that says what would).
-    :param device: where to sample (default: the model's device, else CPU).
+    :param device: where to sample (default: the model's device, else CPU). The state x_t takes the model's layout
+        (channels_last if its convolution weights are); the images come back contiguous.
     :param clip_denoised: clip x0_hat to [-1, 1] in every step (the original code's default).
     :param variance: override the diffusion's "fixed_large" / "fixed_small".
     :param shape: (C, H, W); default (model.in_channels, model.image_size, model.image_size).
     :param progress: show a progress bar over the steps.
-    :param cuda_graph: capture the step in a CUDA graph (ignored on CPU; the graph engine comes with a later issue).
     :param return_intermediates: k > 0: also record x_t and x0_hat at every k-th step (the first and last always)
         and return a SampleResult; its save_grid draws them (the paper's Figure 6).
+    :param cuda_graph: on a GPU, capture one step (network + reverse update) in a CUDA graph and replay it (ignored
+        on the CPU). The model must be capturable: no host syncs, the same work every call.
+    :param network_dtype: the network's precision: None = bf16 autocast on a GPU, float32 on the CPU;
+        torch.float32, torch.bfloat16 or torch.float16 to choose (autocast; the state and the update stay float32).
     :return: float32 (n, C, H, W) in [-1, 1] on `device`, or a SampleResult.
     """
     n = _check_positive_int("n", n)
@@ -189,18 +366,19 @@ def sample(model, n: int, *, diffusion: Diffusion | None = None, sampler: str = 
     if model_device is not None and model_device != device:
         raise ValueError(f"the model is on {model_device} but device={device}; move one of them")
 
+    dtype = _network_dtype(network_dtype, device)
+    layout = _memory_format(model)
+    network = model if dtype == torch.float32 else _Autocast(model, device.type, dtype)
     table = diffusion.step_table(device, torch.float32, sampler, eta)  # the step's rows (checks eta)
     steps_count = diffusion.num_timesteps
     recorded = _recorded_steps(steps_count, return_intermediates) if return_intermediates else []
-    timesteps = torch.arange(steps_count, device=device)
-    timestep_map = diffusion._on(device, torch.float32)["timestep_map"]  # the tables copy it there once
     t_start = int(diffusion.timestep_map[-1]) + 1  # the counter of x_T: the original T
     was_training = model.training if isinstance(model, nn.Module) else None
     if was_training:
         model.eval()
     try:
         # (in eval mode: the memory probe's model calls must not draw dropout; before the run's buffers exist)
-        batch_size = _batch_size(model, shape, device, n, batch_size, len(recorded))
+        batch_size = _batch_size(network, shape, device, n, batch_size, len(recorded))
         images = torch.empty(n, *shape, dtype=torch.float32, device=device)
         slot = {j: k for k, j in enumerate(recorded)}  # loop position -> index in the recorded tensors
         x_ts = torch.empty(len(recorded), n, *shape, dtype=torch.float32, device=device)
@@ -208,25 +386,16 @@ def sample(model, n: int, *, diffusion: Diffusion | None = None, sampler: str = 
         batches = -(-n // batch_size)
         # per batch, the first step whose output went non-finite (-1: none), kept on the device: read once at the end
         first_bad = torch.full((batches,), -1, dtype=torch.int64, device=device)
+        engine = _Engine(diffusion, network, table, clip_denoised, seed, slot, device, cuda_graph)
         with tqdm(total=batches * steps_count, desc="sampling", unit="step",
                   disable=not progress) as bar, torch.inference_mode():
             for b, start in enumerate(range(0, n, batch_size)):
                 stop = min(start + batch_size, n)
                 index = torch.arange(start, stop, device=device)
                 x = philox.randn(index, torch.full_like(index, t_start), shape, seed=seed, stream=philox.STREAM_X_T)
-                bad = first_bad[b]
-                for j, i in enumerate(reversed(range(steps_count))):
-                    t = timesteps[i].expand(stop - start)
-                    k = slot.get(j)
-                    if k is not None:
-                        x_ts[k, start:stop] = x
-                    x, x0_hat = diffusion._reverse_step(model, x, t, table, clip_denoised, seed, index,
-                                                        write_x0=k is not None)
-                    if k is not None:
-                        x0_hats[k, start:stop] = x0_hat
-                    # remember the first step that went non-finite, without a host sync
-                    bad.copy_(torch.where((bad < 0) & ~torch.isfinite(x).all(), timestep_map[i], bad))
-                    bar.update(1)
+                if x.dim() == 4:
+                    x = x.contiguous(memory_format=layout)
+                x = engine.run(_Batch(x, index, first_bad[b], x_ts[:, start:stop], x0_hats[:, start:stop]), bar)
                 images[start:stop] = x.clamp(-1.0, 1.0)
         for b, step in enumerate(first_bad.tolist()):  # the one sync of the run
             if step >= 0:

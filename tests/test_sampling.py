@@ -209,3 +209,86 @@ def test_batch_size_defaults_to_what_fits_and_a_batch_too_big_is_refused(monkeyp
     monkeypatch.setattr(memory, "free_bytes", lambda device: 20 * 2**20)
     with pytest.raises(MemoryError, match="not even one image fits"):
         run(model, 10, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------- precision
+def test_network_dtype_runs_the_network_under_autocast_and_keeps_the_state_float32(model):
+    """network_dtype=torch.bfloat16 (the GPU's default): the network sees autocast (its convolutions return bf16),
+    the images stay float32 and close to the float32 run's; a dtype that is not a float is refused."""
+    seen = []
+
+    def spying(x, t):
+        eps = model(x, t)
+        seen.append((x.dtype, eps.dtype))
+        return eps
+
+    images = run(spying, 3, seed=6, shape=(1, 8, 8), diffusion=model.diffusion, network_dtype=torch.bfloat16)
+    assert images.dtype == torch.float32 and set(seen) == {(torch.float32, torch.bfloat16)}
+    assert (images - run(model, 3, seed=6)).abs().max() < 0.05
+    assert torch.equal(run(model, 3, seed=6, network_dtype=torch.float32), run(model, 3, seed=6))  # the CPU default
+    with pytest.raises(ValueError, match="network_dtype must be one of"):
+        run(model, 2, network_dtype=torch.int8)
+
+
+# ---------------------------------------------------------------------------------------------------- GPU engine
+@pytest.fixture(scope="module")
+def cuda_model(model):
+    import copy
+    return copy.deepcopy(model).cuda()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("sampler,steps", [("ddpm", None), ("ddim", 5)])
+def test_cuda_graph_replays_equal_the_step_by_step_loop(cuda_model, sampler, steps):
+    """float32: the graphed run (a batch of 3 and a tail of 2: two graphs sharing a pool) equals the Python loop, the
+    recorded steps too, and the CPU's images within float32 rounding; bf16 (the default) stays close."""
+    kwargs = dict(seed=3, sampler=sampler, steps=steps, batch_size=3, network_dtype=torch.float32,
+                  return_intermediates=4)
+    graphed = run(cuda_model, 5, cuda_graph=True, **kwargs)
+    loop = run(cuda_model, 5, cuda_graph=False, **kwargs)
+    for got, want in zip((graphed.images, graphed.x_t, graphed.x0_hat), (loop.images, loop.x_t, loop.x0_hat)):
+        assert torch.allclose(got, want, atol=1e-5, rtol=0)
+    cpu = run(cuda_model.cpu(), 5, **{**kwargs, "network_dtype": None})
+    cuda_model.cuda()
+    assert torch.allclose(graphed.images.cpu(), cpu.images, atol=1e-3, rtol=0)
+    bf16 = run(cuda_model, 5, seed=3, sampler=sampler, steps=steps, batch_size=3)
+    assert bf16.dtype == torch.float32 and (bf16 - graphed.images).abs().max() < 0.1
+
+
+@pytest.mark.gpu
+def test_cuda_graph_keeps_the_nan_flag_and_refuses_an_uncapturable_model(cuda_model):
+    def broken(x, t):
+        eps = cuda_model(x, t)
+        return torch.where(t[:, None, None, None] == 5, torch.full_like(eps, float("nan")), eps)
+
+    with pytest.raises(FloatingPointError, match=r"step from t=5 \(code index; paper t=6\)"):
+        run(broken, 2, shape=(1, 8, 8), diffusion=Diffusion(timesteps=T), device="cuda")
+
+    def syncing(x, t):
+        return cuda_model(x, t) * float(x.abs().max())  # .item(): a host sync, not allowed in a capture
+
+    with pytest.raises(RuntimeError, match="cuda_graph=False"):
+        run(syncing, 2, shape=(1, 8, 8), diffusion=Diffusion(timesteps=T), device="cuda")
+    assert run(syncing, 2, shape=(1, 8, 8), diffusion=Diffusion(timesteps=T), device="cuda",
+               cuda_graph=False).shape == (2, 1, 8, 8)
+
+
+def test_a_channels_last_model_gets_a_channels_last_state():
+    """model.to(memory_format=torch.channels_last): x_t follows (the first convolution then runs in that layout as
+    the rest of the network), the images equal the contiguous run's and come back contiguous."""
+    contiguous = randomize_(UNet(in_channels=3, image_size=8, ch=8, ch_mult=(1, 2), num_res_blocks=1,
+                                 attn_resolutions=(4,), num_groups=4, diffusion=Diffusion(timesteps=T)), seed=4).eval()
+    net = UNet(**contiguous.config, diffusion=contiguous.diffusion).eval()  # (C = 1 would make both layouts one)
+    net.load_state_dict(contiguous.state_dict())
+    net = net.to(memory_format=torch.channels_last)
+    layouts = []
+    forward = net.forward
+
+    def spying(x, t):
+        layouts.append(x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous())
+        return forward(x, t)
+
+    net.forward = spying
+    images = run(net, 3, seed=8, batch_size=2)
+    assert all(layouts) and len(layouts) == 2 * T
+    assert images.is_contiguous() and torch.allclose(images, run(contiguous, 3, seed=8), atol=1e-5, rtol=0)

@@ -185,4 +185,7 @@ def attention_block(x: torch.Tensor, norm_weight: torch.Tensor, norm_bias: torch
     if folded is None:
         folded = fold_weights(qkv_weight, qkv_bias, proj_weight, proj_bias)
     op = torch.ops.ddpm_fast.attention_block if chosen == "cpp" else _triton()
+    if torch.is_autocast_enabled(x.device.type):  # the op runs its GEMMs in float32 and returns x's dtype itself;
+        with torch.autocast(x.device.type, enabled=False):  # autocast would turn them bf16 under its buffers
+            return op(x, norm_weight, norm_bias, *folded, num_groups, float(eps))[0]
     return op(x, norm_weight, norm_bias, *folded, num_groups, float(eps))[0]
