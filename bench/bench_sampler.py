@@ -1,58 +1,174 @@
-"""The whole sampler on the small preset (1x16x16, batch 16, 50 respaced steps) against the eager loop as
-diffusers / improved-diffusion write it: the network, then the step's ~10 elementwise ops and a torch.randn.
-Both use the same network and the same (ddpm_fast) ops inside it, so the ratio is the loop's, not the U-Net's."""
+"""The whole sampler, end to end: the eager loop as diffusers / improved-diffusion write it (their network: torch's
+GroupNorm and SiLU, 1x1-conv attention with the scores held; then ~8 elementwise ops and a torch.randn per step:
+bench/baselines.py), torch.compile of that loop's step, and ddpm_fast.sample, on the same weights.
+
+CPU: the small preset at batch 16 (50 respaced steps) and the cifar10 preset at batch 4 (5 steps), each contender
+with contiguous tensors and with channels_last (the network's weights and the state: what a layout change gives each).
+A step costs the same whatever the schedule's length (one network call and one update), so images/s for the paper's
+1000 steps = batch / (1000 x the median time per step); bench/conftest.py prints that table. GPU (bench/gpu_check.sh):
+the cifar10 preset at batch 256, network in bf16 autocast for all (the state float32), 20 steps; ours with and
+without CUDA graphs.
+
+Bytes and FLOPs: a step is one network call (the small preset: 2.83 GFLOP of convolutions and linear layers at
+batch 16; cifar10: 11.4 GFLOP per image) plus the update, which moves ~5 x 4 bytes per pixel (x_t, eps read; x_{t-1}
+written; eager: ~10 passes). The network dominates: what a sampler can win is the time outside the convolutions,
+which the eager bench measures (extra_info conv_share, on the CPU: the share of the eager network's time inside
+Conv2d modules, timed by forward hooks in one untimed call).
+
+Under --benchmark-disable (CI) every bench runs once at batch 2 and 2 steps, and torch.compile only for the small
+preset in its contiguous layout (a cold compile of the network takes ~50 s on 2 CPU cores).
+"""
+import time
+
 import pytest
 import torch
 
 import ddpm_fast
-from benchutil import DEVICE, sync
+from baselines import eager_copy, eager_loop, eager_step
+from benchutil import DEVICE, GPU, sync
 
-N, STEPS = 16, 50
+if GPU:
+    PRESETS = {"cifar10": dict(n=256, steps=20)}
+    LAYOUTS = {"contiguous": torch.contiguous_format}
+    DTYPE = torch.bfloat16
+else:
+    PRESETS = {"small": dict(n=16, steps=50), "cifar10": dict(n=4, steps=5)}
+    LAYOUTS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
+    DTYPE = torch.float32
+CI = dict(n=2, steps=2)
 
-
-@pytest.fixture(scope="module")
-def model():
-    torch.manual_seed(0)
-    net = ddpm_fast.UNet.from_preset("small").to(DEVICE).eval()
-    with torch.no_grad():
-        for p in net.parameters():
-            p.normal_(0, 0.05)
-    return net
-
-
-def eager_loop(model, diffusion):
-    """Algorithm 2 written the usual way: tables gathered on the host side each step, clipping, posterior mean."""
-    tab = {k: v.to(torch.float32) for k, v in diffusion.tables.items()}
-    x = torch.randn(N, 1, 16, 16, device=DEVICE)
-    for i in reversed(range(diffusion.num_timesteps)):
-        t = torch.full((N,), int(diffusion.timestep_map[i]), device=DEVICE)
-        eps = model(x, t)
-        x0 = (x * tab["sqrt_recip_alphas_cumprod"][i].item() - eps * tab["sqrt_recipm1_alphas_cumprod"][i].item())
-        x0 = x0.clamp(-1, 1)
-        mean = tab["posterior_mean_coef1"][i].item() * x0 + tab["posterior_mean_coef2"][i].item() * x
-        noise = torch.randn_like(x)
-        x = mean + (i > 0) * (0.5 * tab["model_log_variance"][i]).exp().item() * noise
-    return x.clamp(-1, 1)
+per_preset = pytest.mark.parametrize("preset", list(PRESETS))
+per_layout = pytest.mark.parametrize("layout", list(LAYOUTS))
 
 
-@pytest.mark.benchmark(group=f"sampler small x{N}, {STEPS} steps")
-def bench_eager_loop(benchmark, model):
-    diffusion = ddpm_fast.Diffusion().respace(STEPS)
+def sizes(benchmark, preset):
+    return CI if benchmark.disabled else PRESETS[preset]
 
-    def run():
+
+def _group(preset, layout, n, steps):
+    dtype = "bf16" if DTYPE == torch.bfloat16 else "fp32"
+    return f"sampler {preset} x{n} {dtype}, {steps} steps, {layout}"
+
+
+_networks = {}
+
+
+def network(preset, layout):
+    """The preset's U-Net with random weights (every parameter: fresh norms and the zero-initialised output conv
+    would make the network trivial), in `layout`, eval mode; one per (preset, layout)."""
+    if (preset, layout) not in _networks:
+        torch.manual_seed(0)
+        net = ddpm_fast.UNet.from_preset(preset).eval()
+        with torch.no_grad():
+            for p in net.parameters():
+                p.normal_(0, 0.05)
+        _networks[preset, layout] = net.to(DEVICE, memory_format=LAYOUTS[layout])
+    return _networks[preset, layout]
+
+
+def _shape(net):
+    return (net.in_channels, net.image_size, net.image_size)
+
+
+def conv_share(model, x, t) -> float:
+    """The share of one call's time inside the Conv2d modules (CPU: synchronous, so wall times add up)."""
+    spent = [0.0]
+
+    def before(module, args):
+        module._started = time.perf_counter()
+
+    def after(module, args, output):
+        spent[0] += time.perf_counter() - module._started
+
+    hooks = [h for m in model.modules() if isinstance(m, torch.nn.Conv2d)
+             for h in (m.register_forward_pre_hook(before), m.register_forward_hook(after))]
+    try:
         with torch.inference_mode():
-            eager_loop(model, diffusion)
+            model(x, t)  # warm
+            spent[0] = 0.0
+            start = time.perf_counter()
+            model(x, t)
+            total = time.perf_counter() - start
+    finally:
+        for h in hooks:
+            h.remove()
+    return spent[0] / total
+
+
+def _time(benchmark, group, run, role, n, steps, **info):
+    benchmark.group = group
+    benchmark.extra_info.update(role=role, images=n, steps=steps, **info)
+
+    def run_synced():
+        run()
         sync()
 
-    benchmark.pedantic(run, rounds=3, warmup_rounds=1)
-    benchmark.extra_info["images_per_round"] = N
+    if not benchmark.disabled:
+        run_synced()  # first touch: allocator, oneDNN primitives, Triton and cuBLAS choices
+    benchmark.pedantic(run_synced, rounds=1 if benchmark.disabled else 5, warmup_rounds=0)
 
 
-@pytest.mark.benchmark(group=f"sampler small x{N}, {STEPS} steps")
-def bench_ddpm_fast_sample(benchmark, model):
+def _autocast():
+    return torch.autocast(DEVICE.type, dtype=DTYPE, enabled=DTYPE != torch.float32)
+
+
+@per_preset
+@per_layout
+def bench_eager(benchmark, preset, layout):
+    size = sizes(benchmark, preset)
+    net = network(preset, layout)
+    model = eager_copy(net)
+    diffusion = ddpm_fast.Diffusion().respace(size["steps"])
+    info = {}
+    if not GPU:
+        x = torch.randn(size["n"], *_shape(net)).contiguous(memory_format=LAYOUTS[layout])
+        info["conv_share"] = conv_share(model, x, torch.full((size["n"],), 500))
+
     def run():
-        ddpm_fast.sample(model, N, steps=STEPS, progress=False)
-        sync()
+        with torch.inference_mode(), _autocast():
+            eager_loop(model, diffusion, size["n"], _shape(net), DEVICE, memory_format=LAYOUTS[layout])
 
-    benchmark.pedantic(run, rounds=3, warmup_rounds=1)
-    benchmark.extra_info["images_per_round"] = N
+    _time(benchmark, _group(preset, layout, **size), run, "eager", **size, **info)
+
+
+@per_preset
+@per_layout
+def bench_compiled(benchmark, preset, layout):
+    if benchmark.disabled and (preset, layout) != ("small", "contiguous"):
+        pytest.skip("under --benchmark-disable torch.compile runs for the small preset, contiguous, only")
+    if GPU and not benchmark.disabled and preset != "cifar10":
+        pytest.skip("on the GPU the cifar10 preset only")
+    size = sizes(benchmark, preset)
+    net = network(preset, layout)
+    model = eager_copy(net)
+    diffusion = ddpm_fast.Diffusion().respace(size["steps"])
+    step = torch.compile(eager_step, dynamic=False)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
+    def run():
+        with torch.inference_mode(), _autocast():
+            eager_loop(model, diffusion, size["n"], _shape(net), DEVICE, step=step, memory_format=LAYOUTS[layout])
+
+    run()  # the compile, outside the timing
+    sync()
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > graphs, "torch.compile made no graph"
+    _time(benchmark, _group(preset, layout, **size), run, "compiled", **size)
+
+
+@per_preset
+@per_layout
+@pytest.mark.parametrize("cuda_graph", [True, False] if GPU else [False], ids=lambda g: "graph" if g else "loop")
+def bench_ours(benchmark, preset, layout, cuda_graph):
+    size = sizes(benchmark, preset)
+    net = network(preset, layout)
+    info = {}
+    if not GPU:
+        x = torch.randn(size["n"], *_shape(net)).contiguous(memory_format=LAYOUTS[layout])
+        info["conv_share"] = conv_share(net, x, torch.full((size["n"],), 500))
+
+    def run():
+        ddpm_fast.sample(net, size["n"], steps=size["steps"], progress=False, cuda_graph=cuda_graph,
+                         network_dtype=DTYPE)
+
+    _time(benchmark, _group(preset, layout, **size), run, "ours" if cuda_graph or not GPU else "ours (no graph)",
+          **size, **info)

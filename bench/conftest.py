@@ -64,6 +64,25 @@ def flops_rows(benchmarks):
     return rows
 
 
+def sampler_rows(benchmarks):
+    """One row per sampler benchmark (extra_info "steps"): (group, role, ms per step, images/s over 1000 steps,
+    median of eager / this, median of compiled / this, conv_share); None where missing."""
+    groups = {}
+    for bench in benchmarks:
+        if bench.stats and bench.stats.rounds and "steps" in bench.extra_info:
+            groups.setdefault(bench.group, []).append(bench)
+    rows = []
+    for group, members in groups.items():
+        by_role = {b.extra_info["role"]: b.stats.median for b in members}
+        for bench in members:
+            median, info = bench.stats.median, bench.extra_info
+            per_step = median / info["steps"]
+            rows.append((group, info["role"], per_step * 1e3, info["images"] / (1000 * per_step),
+                         by_role["eager"] / median if "eager" in by_role else None,
+                         by_role["compiled"] / median if "compiled" in by_role else None, info.get("conv_share")))
+    return rows
+
+
 @pytest.hookimpl(trylast=True)  # after pytest-benchmark's own tables
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     session = getattr(config, "_benchmarksession", None)
@@ -73,6 +92,17 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         return "-" if value is None else format(value, spec)
 
     write = terminalreporter.write_line
+    sampler = sampler_rows(session.benchmarks)
+    if sampler:
+        write("")
+        write("Sampling end to end (images/s for the paper's 1000 steps = batch / (1000 x time per step); vs = that "
+              "baseline's median / this one's, same group; conv = share of the network's time in Conv2d, CPU):")
+        write("")
+        write("| group | variant | ms / step | images/s (1000 steps) | vs eager | vs compiled | conv |")
+        write("|---|---|---|---|---|---|---|")
+        for group, role, ms, images, vs_eager, vs_compiled, conv in sampler:
+            write(f"| {group} | {role} | {ms:.2f} | {images:.3f} | {fmt(vs_eager, '.2f')}x | "
+                  f"{fmt(vs_compiled, '.2f')}x | {fmt(conv, '.0%')} |".replace("| -x", "| -"))
     compute = flops_rows(session.benchmarks)
     if compute:
         write("")
