@@ -1,8 +1,9 @@
 """The sampler benches' baselines, as diffusers and improved-diffusion write them, on the same weights as ours.
 
 eager_copy(model): a copy of a ddpm_fast U-Net whose norms and attention blocks run torch's GroupNorm and SiLU, 1x1
-convs for q, k, v and proj_out, and a bmm softmax over all positions with the L x L scores held. The convolutions,
-linear layers and everything else are the U-Net's own, so a ratio against it measures the fused ops and the loop.
+convs for q, k, v and proj_out, and a bmm softmax over all positions with the L x L scores held, and whose
+convolutions are plain F.conv2d with the residual added after. The linear layers and everything else are the
+U-Net's own.
 
 eager_step: one step of Algorithm 2 as those loops write it: the network, then x0_hat, its clip, the posterior mean
 and the noise as separate elementwise ops, with a torch.randn per step.
@@ -13,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ddpm_fast import unet
+from ddpm_fast.ops.conv import PackedConv
 
 
 def _group_norm(self, x, add=None, act=False, dropout=0.0, seed=0, layer=0):
@@ -33,14 +35,22 @@ def _attention(self, x):
     return x + self.proj_out(h)
 
 
+def _conv(self, x, residual=None):
+    y = F.conv2d(x, self.weight, self.bias, self.stride, self.padding)
+    return y if residual is None else residual + y
+
+
 def eager_copy(model: unet.UNet) -> unet.UNet:
-    """A deep copy of `model` (weights, layout, mode) whose GroupNorm and AttnBlock modules run the code above."""
+    """A deep copy of `model` (weights, layout, mode) whose GroupNorm and AttnBlock modules run the code above, and
+    whose convolutions are F.conv2d's (the U-Net's keep packed oneDNN weights on the CPU, ops/conv.py)."""
     model = copy.deepcopy(model)
     for module in model.modules():
         if isinstance(module, unet.GroupNorm):
             module.forward = _group_norm.__get__(module)
         elif isinstance(module, unet.AttnBlock):
             module.forward = _attention.__get__(module)
+        elif isinstance(module, PackedConv):
+            module.forward = _conv.__get__(module)
     return model
 
 

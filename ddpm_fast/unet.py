@@ -1,8 +1,9 @@
 """The paper's U-Net (the original DDPM code's `model`, layer for layer), built from ddpm_fast.ops.
 
 Module names follow the original code as ported to PyTorch (temb.dense.0, down.0.block.1.norm1, mid.attn_1.q,
-up.3.upsample.conv, norm_out, conv_out), so checkpoints map one to one. The fused norms and attention come from
-ops/, so faster kernels drop in without touching this file.
+up.3.upsample.conv, norm_out, conv_out), so checkpoints map one to one. The fused norms and attention and the
+convolutions (PackedConv: nn.Conv2d's parameters, packed oneDNN weights in CPU inference) come from ops/, so faster
+kernels drop in without touching this file.
 """
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ddpm_fast.ops import attention
+from ddpm_fast.ops._cache import weights_key
+from ddpm_fast.ops.conv import PackedConv
 from ddpm_fast.ops.group_norm import group_norm_silu
 
 PRESETS = {
@@ -76,14 +79,14 @@ class ResnetBlock(nn.Module):
                  eps: float):
         super().__init__()
         self.norm1 = GroupNorm(in_channels, num_groups, eps)
-        self.conv1 = _init_(nn.Conv2d(in_channels, out_channels, 3, padding=1))
+        self.conv1 = _init_(PackedConv(in_channels, out_channels, 3, padding=1))
         self.temb_proj = _init_(nn.Linear(temb_channels, out_channels))
         self.norm2 = GroupNorm(out_channels, num_groups, eps)
         self.dropout = dropout
         self.layer = 0
-        self.conv2 = _init_(nn.Conv2d(out_channels, out_channels, 3, padding=1), zero=True)
+        self.conv2 = _init_(PackedConv(out_channels, out_channels, 3, padding=1), zero=True)
         # the original's `nin` (a 1x1 conv) where the channel count changes
-        self.nin_shortcut = _init_(nn.Conv2d(in_channels, out_channels, 1)) if in_channels != out_channels else None
+        self.nin_shortcut = _init_(PackedConv(in_channels, out_channels, 1)) if in_channels != out_channels else None
 
     def forward(self, x: torch.Tensor, temb_act: torch.Tensor, dropout_seed: int | None = None) -> torch.Tensor:
         """:param temb_act: silu(temb), (B, temb_channels), shared by every block.
@@ -94,8 +97,7 @@ class ResnetBlock(nn.Module):
             dropout_seed = draw_dropout_seed()
         h = self.norm2(h, add=self.temb_proj(temb_act), act=True, dropout=dropout, seed=dropout_seed or 0,
                        layer=self.layer)
-        h = self.conv2(h)
-        return (x if self.nin_shortcut is None else self.nin_shortcut(x)) + h
+        return self.conv2(h, residual=x if self.nin_shortcut is None else self.nin_shortcut(x))
 
 
 class AttnBlock(nn.Module):
@@ -124,7 +126,7 @@ class AttnBlock(nn.Module):
         storage, its version counter, dtype or device)."""
         params = [self.q.weight, self.q.bias, self.k.weight, self.k.bias, self.v.weight, self.v.bias,
                   self.proj_out.weight, self.proj_out.bias]
-        key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
+        key = weights_key(*params)
         if self._packed is None or self._packed[0] != key:
             weights = self._weights()
             self._packed = (key, weights, attention.fold_weights(*weights))
@@ -145,7 +147,7 @@ class Downsample(nn.Module):
 
     def __init__(self, channels: int, with_conv: bool):
         super().__init__()
-        self.conv = _init_(nn.Conv2d(channels, channels, 3, stride=2)) if with_conv else None
+        self.conv = _init_(PackedConv(channels, channels, 3, stride=2)) if with_conv else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.conv is None:
@@ -158,7 +160,7 @@ class Upsample(nn.Module):
 
     def __init__(self, channels: int, with_conv: bool):
         super().__init__()
-        self.conv = _init_(nn.Conv2d(channels, channels, 3, padding=1)) if with_conv else None
+        self.conv = _init_(PackedConv(channels, channels, 3, padding=1)) if with_conv else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.interpolate(x, scale_factor=2.0, mode="nearest")
@@ -213,7 +215,7 @@ class UNet(nn.Module):
 
         self.temb = nn.Module()
         self.temb.dense = nn.ModuleList([_init_(nn.Linear(ch, temb_ch)), _init_(nn.Linear(temb_ch, temb_ch))])
-        self.conv_in = _init_(nn.Conv2d(in_channels, ch, 3, padding=1))
+        self.conv_in = _init_(PackedConv(in_channels, ch, 3, padding=1))
 
         in_ch_mult = (1,) + ch_mult
         self.down = nn.ModuleList()
@@ -254,7 +256,7 @@ class UNet(nn.Module):
         self.up = nn.ModuleList(ups)
 
         self.norm_out = GroupNorm(block_in, num_groups, eps)
-        self.conv_out = _init_(nn.Conv2d(block_in, out_channels, 3, padding=1), zero=True)
+        self.conv_out = _init_(PackedConv(block_in, out_channels, 3, padding=1), zero=True)
         for layer, res_block in enumerate(m for m in self.modules() if isinstance(m, ResnetBlock)):
             res_block.layer = layer  # each block's dropout mask is its own Philox stream
 
