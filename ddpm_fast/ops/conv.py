@@ -38,7 +38,8 @@ def conv2d_reference(x, weight, bias, stride, padding, residual=None):
 class PackedConv(nn.Conv2d):
     """nn.Conv2d (same parameters, same state dict) whose forward takes an optional residual to add, and which keeps
     its weights packed for oneDNN per input shape while they are unchanged (keyed by the weight's storage and
-    version counter, as AttnBlock keeps its folded weights)."""
+    version counter, as AttnBlock keeps its folded weights): a CPU U-Net in inference holds a second copy of its
+    convolution weights, two for two input shapes."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -51,7 +52,7 @@ class PackedConv(nn.Conv2d):
         """The weights in oneDNN's format for channels_last input of x's shape."""
         key = (tuple(x.shape), weights_key(self.weight))
         if key not in self._packed:
-            if len(self._packed) > 8:  # stale versions and old shapes
+            if len(self._packed) >= 2:  # a copy of the weights each: keep two (a sampler's batch and its last one)
                 self._packed.clear()
             self._packed[key] = torch._C._nn.mkldnn_reorder_conv2d_weight(
                 self.weight.contiguous(memory_format=torch.channels_last).to_mkldnn(), list(self.padding),
