@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from ddpm_fast import memory
 from ddpm_fast.diffusion import Diffusion
 from ddpm_fast.images import save_grid
+from ddpm_fast.kernels.layout import is_channels_last
 from ddpm_fast.ops import philox
 
 SAMPLERS = ("ddpm", "ddim")
@@ -104,10 +105,8 @@ def _memory_format(model) -> torch.memory_format:
     """The state's layout: channels_last where the model's convolution weights are (model.to(memory_format=
     torch.channels_last)), so that its first convolution gets what the rest of it runs in; else contiguous."""
     if isinstance(model, nn.Module):
-        for tensor in model.parameters():
-            if tensor.dim() == 4 and not tensor.is_contiguous() and \
-                    tensor.is_contiguous(memory_format=torch.channels_last):
-                return torch.channels_last
+        if any(is_channels_last(tensor) for tensor in model.parameters()):
+            return torch.channels_last
     return torch.contiguous_format
 
 
@@ -223,13 +222,18 @@ class _Engine:
                 self.graphs[size] = _GraphedStep(self, batch.x, pool)
             return self.graphs[size].run(batch, bar)
         steps = torch.arange(self.steps_count, device=self.device)
+        last = self.steps_count - 1
+        return self.loop(batch, bar, batch.x, lambda j, x: self.step(x, steps[last - j], batch.index, batch.bad))
+
+    def loop(self, batch: _Batch, bar, x: torch.Tensor, advance: Callable) -> torch.Tensor:
+        """x through the steps_count steps, advance(j, x) -> (x_{t-1}, x0_hat) being loop position j's; the
+        recorded steps copied out around it, the progress bar moved, the host held STEPS_IN_FLIGHT behind."""
         waits = _InFlight(self.device)
-        x = batch.x
-        for j, i in enumerate(reversed(range(self.steps_count))):
+        for j in range(self.steps_count):
             k = self.slot.get(j)
             if k is not None:
                 batch.x_ts[k].copy_(x)
-            x, x0_hat = self.step(x, steps[i], batch.index, batch.bad)
+            x, x0_hat = advance(j, x)
             if k is not None:
                 batch.x0_hats[k].copy_(x0_hat)
             waits.mark()
@@ -299,18 +303,14 @@ class _GraphedStep:
         self.index.copy_(batch.index)
         self.bad.fill_(-1)
         self.j.zero_()
-        waits = _InFlight(self.x.device)
-        for j in range(self.engine.steps_count):
-            k = self.engine.slot.get(j)
-            if k is not None:
-                batch.x_ts[k].copy_(self.x)
+
+        def replay(j, x):  # the graph steps its own buffers (self.j counts with j)
             self.graph.replay()
-            if k is not None:
-                batch.x0_hats[k].copy_(self.x0_hat)
-            waits.mark()
-            bar.update(1)
+            return self.x, self.x0_hat
+
+        x = self.engine.loop(batch, bar, self.x, replay)
         batch.bad.copy_(self.bad)
-        return self.x
+        return x
 
 
 def sample(model, n: int, *, diffusion: Diffusion | None = None, sampler: str = "ddpm", steps: int | None = None,

@@ -22,7 +22,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from ddpm_fast.kernels.layout import acc_dtype
+from ddpm_fast.kernels.layout import acc_dtype, is_channels_last
 from ddpm_fast.ops import _registry
 
 IMPLEMENTED = ("reference", "cpp", "triton")
@@ -116,7 +116,7 @@ def _register_cpp_extras() -> None:
         n, c, tokens = x.shape[0], x.shape[1], x.shape[2] * x.shape[3]
         acc = acc_dtype(x.dtype)
         # y, h and g in x's layout: channels_last (as the kernel sees it) makes h and g transposed (n, L, c) buffers
-        channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+        channels_last = is_channels_last(x)
         y = torch.empty_like(x, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
         per_token = [x.new_empty((n, tokens, c), dtype=acc).transpose(1, 2) if channels_last
                      else x.new_empty((n, c, tokens), dtype=acc) for _ in range(2)]

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ddpm_fast.kernels.layout import is_channels_last
 from ddpm_fast.ops import _registry
 from ddpm_fast.ops._cache import weights_key
 
@@ -67,14 +68,10 @@ class PackedConv(nn.Conv2d):
         return super()._apply(fn, *args, **kwargs)
 
 
-def _channels_last(x: torch.Tensor) -> bool:
-    return not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
-
-
 def _packed_path(conv: PackedConv, x: torch.Tensor, residual) -> bool:
     return (_MKLDNN and x.device.type == "cpu" and x.dtype == torch.float32 and conv.weight.dtype == torch.float32
             and x.dim() == 4
-            and (x.is_contiguous() or _channels_last(x)) and conv.padding_mode == "zeros"
+            and (x.is_contiguous() or is_channels_last(x)) and conv.padding_mode == "zeros"
             and not isinstance(conv.padding, str) and not torch.is_grad_enabled()
             and not torch.compiler.is_compiling() and not torch.is_autocast_enabled("cpu")
             and (residual is None or residual.dtype == torch.float32))
