@@ -23,7 +23,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from benchutil import DEVICE, GPU, shape_name, sync, timed
+from benchutil import DEVICE, GPU, random_unet, shape_name, sync, timed
 from ddpm_fast import memory
 from ddpm_fast.ops import attention
 
@@ -128,13 +128,7 @@ UNET_BATCH = 16
 
 
 def _cifar10_unet(batch):
-    import ddpm_fast
-
-    torch.manual_seed(0)
-    net = ddpm_fast.UNet.from_preset("cifar10").to(DEVICE).eval()
-    with torch.no_grad():
-        for p in net.parameters():
-            p.normal_(0, 0.05)
+    net = random_unet("cifar10")
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(batch, net.in_channels, net.image_size, net.image_size, generator=gen).to(DEVICE)
     t = torch.randint(0, 1000, (batch,), generator=gen).to(DEVICE)

@@ -29,8 +29,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import ddpm_fast
-from benchutil import DEVICE, GPU, shape_name, sync, timed
+from benchutil import DEVICE, GPU, random_unet, shape_name, sync, timed
 from ddpm_fast.ops import _registry, use_backend
 from ddpm_fast.ops import group_norm as group_norm_ops
 from ddpm_fast.ops.group_norm import group_norm_silu
@@ -231,11 +230,7 @@ def unet_case():
 
     def get(preset, batch):
         if (preset, batch) not in cache:
-            torch.manual_seed(0)
-            net = ddpm_fast.UNet.from_preset(preset).to(DEVICE).eval()
-            with torch.no_grad():
-                for p in net.parameters():
-                    p.normal_(0, 0.05)
+            net = random_unet(preset)
             shape = (batch, net.in_channels, net.image_size, net.image_size)
             gen = torch.Generator().manual_seed(0)
             x = torch.randn(shape, generator=gen).to(DEVICE)

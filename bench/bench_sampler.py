@@ -25,7 +25,7 @@ import torch
 
 import ddpm_fast
 from baselines import eager_copy, eager_loop, eager_step
-from benchutil import DEVICE, GPU, sync
+from benchutil import DEVICE, GPU, random_unet, sync
 
 if GPU:
     PRESETS = {"cifar10": dict(n=256, steps=50)}  # (each call of ours warms up and captures: 2 steps + a capture)
@@ -57,12 +57,7 @@ def network(preset, layout):
     """The preset's U-Net with random weights (every parameter: fresh norms and the zero-initialised output conv
     would make the network trivial), in `layout`, eval mode; one per (preset, layout)."""
     if (preset, layout) not in _networks:
-        torch.manual_seed(0)
-        net = ddpm_fast.UNet.from_preset(preset).eval()
-        with torch.no_grad():
-            for p in net.parameters():
-                p.normal_(0, 0.05)
-        _networks[preset, layout] = net.to(DEVICE, memory_format=LAYOUTS[layout])
+        _networks[preset, layout] = random_unet(preset).to(memory_format=LAYOUTS[layout])
     return _networks[preset, layout]
 
 

@@ -30,3 +30,16 @@ def timed(benchmark, group, run, role, nbytes=None, backend=None):
     if nbytes is not None:
         benchmark.extra_info["bytes"] = nbytes
     benchmark(run_synced)
+
+
+def random_unet(preset: str, device=DEVICE):
+    """The preset's U-Net on `device` in eval mode, every parameter ~N(0, 0.05) from seed 0: fresh norms and the
+    zero-initialised output convs would make parts of the network trivial."""
+    import ddpm_fast  # here: bench/conftest.py sets the environment ddpm_fast's import reads
+
+    torch.manual_seed(0)
+    net = ddpm_fast.UNet.from_preset(preset).to(device).eval()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.normal_(0, 0.05)
+    return net

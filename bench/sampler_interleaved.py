@@ -15,6 +15,7 @@ import torch
 
 import ddpm_fast
 from baselines import eager_copy, eager_loop, eager_step
+from benchutil import random_unet
 
 LAYOUTS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
 
@@ -28,11 +29,7 @@ def main():
     parser.add_argument("--no-compile", action="store_true", help="leave torch.compile out (it compiles ~1 min)")
     args = parser.parse_args()
 
-    torch.manual_seed(0)
-    base = ddpm_fast.UNet.from_preset(args.preset).eval()
-    with torch.no_grad():
-        for p in base.parameters():
-            p.normal_(0, 0.05)
+    base = random_unet(args.preset, "cpu")
     shape = (base.in_channels, base.image_size, base.image_size)
     diffusion = ddpm_fast.Diffusion().respace(args.steps)
     runs = {}
