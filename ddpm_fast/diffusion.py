@@ -81,10 +81,16 @@ class Diffusion:
     :param timesteps: T.
     :param variance: the reverse-process variance, "fixed_large" (sigma^2 = beta) or "fixed_small" (beta tilde).
     :param betas: explicit betas (float, (T,)) instead of a named schedule.
+    :param clip_denoised: clip x0_hat to [-1, 1] in the reverse process (the original code's default); the default
+        of every method's and sample()'s clip_denoised=None.
     """
 
     def __init__(self, schedule: str = "linear", timesteps: int = 1000, variance: str = "fixed_large", *,
-                 betas: torch.Tensor | None = None, timestep_map: torch.Tensor | None = None):
+                 betas: torch.Tensor | None = None, timestep_map: torch.Tensor | None = None,
+                 clip_denoised: bool = True):
+        if not isinstance(clip_denoised, bool):
+            raise ValueError(f"clip_denoised must be a bool, got {clip_denoised!r}")
+        self.clip_denoised = clip_denoised
         if betas is None:
             betas = _schedule.beta_schedule(schedule, timesteps)
         else:
@@ -104,7 +110,7 @@ class Diffusion:
 
     def __repr__(self) -> str:
         return (f"Diffusion(schedule={self.schedule!r}, timesteps={self.num_timesteps}, "
-                f"variance={self.variance!r})")
+                f"variance={self.variance!r}" + ("" if self.clip_denoised else ", clip_denoised=False") + ")")
 
     def with_variance(self, variance: str) -> "Diffusion":
         """The same process with another reverse-process variance."""
@@ -122,11 +128,20 @@ class Diffusion:
         return self._derived(betas, self.timestep_map[kept], self.variance)
 
     def _derived(self, betas, timestep_map, variance) -> "Diffusion":
-        derived = Diffusion(variance=variance, betas=betas, timestep_map=timestep_map)
+        derived = Diffusion(variance=variance, betas=betas, timestep_map=timestep_map,
+                            clip_denoised=self.clip_denoised)
         derived.schedule = self.schedule  # the name of the schedule it came from, not "custom"
         return derived
 
     # ------------------------------------------------------------------------------------------------ plumbing
+    def _clip(self, clip_denoised: bool | None) -> bool:
+        """A method's clip_denoised: None takes this process's setting."""
+        if clip_denoised is None:
+            return self.clip_denoised
+        if not isinstance(clip_denoised, bool):
+            raise ValueError(f"clip_denoised must be a bool or None, got {clip_denoised!r}")
+        return clip_denoised
+
     def _on(self, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         """The tables on `device` in float32 (float64 for float64 inputs), copied once."""
         dtype = torch.float64 if dtype == torch.float64 else torch.float32
@@ -262,11 +277,12 @@ class Diffusion:
                 - self._extract("sqrt_recipm1_alphas_cumprod", t, x_t) * eps)
 
     # ------------------------------------------------------------------------------------------------ p
-    def p_mean_variance(self, model: Model, x_t: torch.Tensor, t, clip_denoised: bool = True) -> PMeanVariance:
+    def p_mean_variance(self, model: Model, x_t: torch.Tensor, t,
+                        clip_denoised: bool | None = None) -> PMeanVariance:
         """Mean, variance, log variance of p(x_{t-1} | x_t) and x0_hat; the mean is the posterior mean at x0_hat
         (clipped to [-1, 1] if clip_denoised), as the original code."""
         x_t = self._check_x("x_t", x_t)
-        return self._p_mean_variance(model, x_t, self._check_t(t, x_t), clip_denoised)
+        return self._p_mean_variance(model, x_t, self._check_t(t, x_t), self._clip(clip_denoised))
 
     def _p_mean_variance(self, model, x_t, t, clip_denoised):
         pred_x0 = self._predict_x0(x_t, t, self._model_eps(model, x_t, self._original_t(t, x_t)).to(x_t.dtype))
@@ -277,7 +293,7 @@ class Diffusion:
         log_variance = self._extract("model_log_variance", t, x_t).expand_as(x_t)
         return PMeanVariance(mean, variance, log_variance, pred_x0)
 
-    def p_sample(self, model: Model, x_t: torch.Tensor, t, *, clip_denoised: bool = True,
+    def p_sample(self, model: Model, x_t: torch.Tensor, t, *, clip_denoised: bool | None = None,
                  noise: torch.Tensor | None = None, seed: int = 0,
                  sample_index: torch.Tensor | None = None) -> PSample:
         """One reverse step x_t -> x_{t-1} = mean + sigma_t z, without noise where t == 0.
@@ -291,7 +307,7 @@ class Diffusion:
         index = self._sample_index(sample_index, x_t)
         if noise is not None:
             noise = self._check_like("noise", noise, x_t, "x_t")
-        return self._p_sample(model, x_t, t, clip_denoised, seed, index, noise)
+        return self._p_sample(model, x_t, t, self._clip(clip_denoised), seed, index, noise)
 
     def _p_sample(self, model, x_t, t, clip_denoised, seed, sample_index, noise=None) -> PSample:
         if x_t.dtype not in (torch.float32, torch.float64):
@@ -337,12 +353,12 @@ class Diffusion:
         kl = normal_kl(mean, log_variance, torch.zeros_like(mean), torch.zeros_like(mean))
         return mean_flat(kl) / math.log(2.0)
 
-    def vb_terms_bpd(self, model: Model, x0: torch.Tensor, x_t: torch.Tensor, t, clip_denoised: bool = True):
+    def vb_terms_bpd(self, model: Model, x0: torch.Tensor, x_t: torch.Tensor, t, clip_denoised: bool | None = None):
         """The bound's term at t, bits/dim (B,): KL(q(x_{t-1}|x_t,x0) || p(x_{t-1}|x_t)) for t > 0 and the decoder
         NLL -log p(x0 | x_1) for t = 0; also x0_hat."""
         x0 = self._check_x("x0", x0)
         x_t = self._check_like("x_t", x_t, x0, "x0")
-        return self._vb_terms_bpd(model, x0, x_t, self._check_t(t, x0), clip_denoised)
+        return self._vb_terms_bpd(model, x0, x_t, self._check_t(t, x0), self._clip(clip_denoised))
 
     def _vb_terms_bpd(self, model, x0, x_t, t, clip_denoised):
         true_mean, _, true_log_variance = self._q_posterior(x0, x_t, t)
@@ -353,7 +369,7 @@ class Diffusion:
         return torch.where(t == 0, decoder_nll, kl), out.pred_x0
 
     @torch.no_grad()
-    def nll_bpd(self, model: Model, x0: torch.Tensor, *, clip_denoised: bool = True, seed: int = 0,
+    def nll_bpd(self, model: Model, x0: torch.Tensor, *, clip_denoised: bool | None = None, seed: int = 0,
                 sample_index: torch.Tensor | None = None, progress: bool = False) -> NLLResult:
         """The variational bound of x0 in bits/dim, every one of the T terms (T model calls), as the original
         code's calc_bpd_loop: x_t = q_sample(x0, t) with eps from Philox stream 6 keyed by (seed, sample_index, t).
@@ -361,6 +377,7 @@ class Diffusion:
         :param x0: (B, C, H, W) 8-bit data scaled to [-1, 1].
         """
         x0 = self._check_x("x0", x0)
+        clip_denoised = self._clip(clip_denoised)
         index = self._sample_index(sample_index, x0)
         batch, steps = x0.shape[0], self.num_timesteps
         terms = x0.new_empty(batch, steps)

@@ -314,8 +314,9 @@ class _GraphedStep:
 
 
 def sample(model, n: int, *, diffusion: Diffusion | None = None, sampler: str = "ddpm", steps: int | None = None,
-           eta: float = 0.0, seed: int = 0, batch_size: int | None = None, device=None, clip_denoised: bool = True,
-           variance: str | None = None, shape=None, progress: bool = True, return_intermediates: int = 0, out=None,
+           eta: float = 0.0, seed: int = 0, batch_size: int | None = None, device=None,
+           clip_denoised: bool | None = None, variance: str | None = None, shape=None, progress: bool = True,
+           return_intermediates: int = 0, out=None,
            cuda_graph: bool = True, network_dtype: torch.dtype | None = None) -> torch.Tensor | SampleResult:
     """Draw n images from the reverse process of `model`.
 
@@ -329,7 +330,8 @@ def sample(model, n: int, *, diffusion: Diffusion | None = None, sampler: str = 
         holds; one that does not fit is an error that says what would).
     :param device: where to sample (default: the model's device, else CPU). The state x_t takes the model's layout
         (channels_last if its convolution weights are); the images come back contiguous.
-    :param clip_denoised: clip x0_hat to [-1, 1] in every step (the original code's default).
+    :param clip_denoised: clip x0_hat to [-1, 1] in every step; None takes the diffusion's setting (True unless it
+        says otherwise, as the original code).
     :param variance: override the diffusion's "fixed_large" / "fixed_small".
     :param shape: (C, H, W); default (model.in_channels, model.image_size, model.image_size).
     :param progress: show a progress bar over the steps.
@@ -358,6 +360,7 @@ def sample(model, n: int, *, diffusion: Diffusion | None = None, sampler: str = 
         _check_positive_int("batch_size", batch_size)
     shape = _resolve_shape(model, shape)
     diffusion = _resolve_diffusion(model, diffusion, variance, steps)
+    clip_denoised = diffusion._clip(clip_denoised)
 
     model_device = _model_device(model)
     device = torch.device(device) if device is not None else (model_device or torch.device("cpu"))

@@ -8,15 +8,13 @@ kernels drop in without touching this file.
 from __future__ import annotations
 
 import math
-import os
-from collections.abc import Mapping
-from pathlib import Path
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ddpm_fast import checkpoints
 from ddpm_fast.ops import attention
 from ddpm_fast.ops._cache import weights_key
 from ddpm_fast.ops.conv import PackedConv
@@ -50,52 +48,6 @@ def _init_(module: nn.Module, zero: bool = False) -> nn.Module:
         nn.init.xavier_uniform_(module.weight)
     nn.init.zeros_(module.bias)
     return module
-
-
-_REQUIRED = object()
-# The original Model's keyword arguments and their defaults (pytorch_diffusion/model.py)
-ORIGINAL_CONFIG = dict(ch=_REQUIRED, out_ch=_REQUIRED, ch_mult=(1, 2, 4, 8), num_res_blocks=_REQUIRED,
-                       attn_resolutions=_REQUIRED, dropout=0.0, resamp_with_conv=True, in_channels=_REQUIRED,
-                       resolution=_REQUIRED)
-
-
-def _read_state_dict(source) -> dict:
-    """A {name: tensor} mapping as given, or read from a file with torch.load (tensors only, onto the CPU)."""
-    if isinstance(source, (str, os.PathLike)):
-        path = Path(source)
-        if not path.is_file():
-            raise FileNotFoundError(f"no checkpoint file at {path}")
-        try:
-            source = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as error:  # a truncated or foreign file: say which and why
-            raise ValueError(f"{path} is not a checkpoint torch.load can read ({type(error).__name__}: "
-                             f"{str(error)[:300]})") from error
-    if not isinstance(source, Mapping) or not all(isinstance(k, str) for k in source):
-        raise ValueError(f"expected a state dict ({{name: tensor}}), got {type(source).__name__}")
-    return dict(source)
-
-
-def load_checked(model: nn.Module, state: dict) -> None:
-    """model.load_state_dict(state) after checking every name and shape: a missing, unexpected or misshapen tensor is
-    an error that names it (the first ten of each kind), and then nothing has been loaded."""
-    expected = model.state_dict()
-    problems = []
-    for kind, names in (("missing", sorted(set(expected) - set(state))),
-                        ("unexpected", sorted(set(state) - set(expected)))):
-        if names:
-            problems.append(f"{len(names)} {kind} tensor(s): {', '.join(names[:10])}" + (" ..." if len(names) > 10
-                                                                                         else ""))
-    not_tensors = sorted(k for k in set(state) & set(expected) if not isinstance(state[k], torch.Tensor))
-    if not_tensors:
-        problems.append(f"not tensors: {', '.join(not_tensors[:10])}")
-    shapes = [f"{k} is {tuple(state[k].shape)}, the model's {tuple(expected[k].shape)}"
-              for k in sorted(set(state) & set(expected))
-              if k not in not_tensors and state[k].shape != expected[k].shape]
-    if shapes:
-        problems.append(f"{len(shapes)} shape mismatch(es): " + "; ".join(shapes[:10]))
-    if problems:
-        raise ValueError("the checkpoint does not fit this network: " + " | ".join(problems))
-    model.load_state_dict(state, strict=True)
 
 
 class GroupNorm(nn.Module):
@@ -329,21 +281,26 @@ class UNet(nn.Module):
         A key the original does not have, a missing or unexpected tensor, or a shape that differs is refused with
         the names; nothing is loaded before every tensor is checked (the model is new: no half-loaded one exists).
         """
-        if not isinstance(config, dict):
-            raise ValueError(f"config must be a dict of the original Model's arguments, got {type(config).__name__}")
-        unknown = sorted(set(config) - set(ORIGINAL_CONFIG))
-        missing = sorted(k for k, default in ORIGINAL_CONFIG.items() if default is _REQUIRED and k not in config)
-        if unknown or missing:
-            raise ValueError("config: " + "; ".join(
-                ([f"keys the original Model does not take: {unknown}"] if unknown else [])
-                + ([f"missing required keys: {missing}"] if missing else [])) + f" (it takes {list(ORIGINAL_CONFIG)})")
-        given = {k: (config[k] if k in config else default) for k, default in ORIGINAL_CONFIG.items()}
-        model = cls(in_channels=given["in_channels"], out_channels=given["out_ch"], image_size=given["resolution"],
-                    ch=given["ch"], ch_mult=given["ch_mult"], num_res_blocks=given["num_res_blocks"],
-                    attn_resolutions=given["attn_resolutions"], dropout=given["dropout"], num_groups=32, eps=1e-6,
-                    resamp_with_conv=given["resamp_with_conv"], diffusion=diffusion)
-        load_checked(model, _read_state_dict(state_dict_or_path))
-        return model
+        return checkpoints.from_original(cls, state_dict_or_path, config, diffusion)
+
+    @classmethod
+    def from_diffusers(cls, path_or_model, *, scheduler=None, diffusion=None) -> "UNet":
+        """A diffusers UNet2DModel of the DDPM family (google/ddpm-cifar10-32, the 256x256 church / bedroom /
+        celeba-hq / cat layouts, or your own of the same kind) as this network, every tensor mapped.
+
+        :param path_or_model: a UNet2DModel, a pipeline holding one (DDPMPipeline: its scheduler comes along), or a
+            local folder with its config.json and diffusion_pytorch_model.safetensors or .bin (a saved pipeline's
+            folder with unet/ and scheduler/ also works).
+        :param scheduler: the DDPM/DDIM scheduler it was trained with: a diffusers scheduler, its config dict or
+            the path of its scheduler_config.json. Its beta schedule, variance type and clipping become the model's
+            Diffusion. Default: the folder's scheduler_config.json (beside config.json, or ../scheduler/), else none
+            (ddpm_fast.sample then uses Diffusion()).
+        :param diffusion: a ddpm_fast.Diffusion to carry instead of a scheduler's.
+        A configuration this network cannot be (several attention heads, another timestep embedding, symmetric
+        downsampling padding, class conditioning, ...), a missing or unexpected tensor, or a shape that differs is
+        refused with the config key or the checkpoint's tensor name; nothing is loaded before all are checked.
+        """
+        return checkpoints.from_diffusers(cls, path_or_model, scheduler, diffusion)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """:param x: (B, in_channels, H, W), H and W divisible by 2^(levels-1). :param t: (B,) code timesteps.

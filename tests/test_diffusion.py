@@ -235,6 +235,27 @@ def test_nll_bpd_adds_up_its_terms():
         assert torch.allclose(result.mse[:, t], ((pred_x0 - x0) ** 2).mean(dim=(1, 2, 3)))
 
 
+def test_the_process_carries_its_clipping():
+    """Diffusion(clip_denoised=False) (a diffusers scheduler's clip_sample=False): every method's clip_denoised=None
+    and sample()'s take it; respacing and another variance keep it; an explicit argument still wins."""
+    x_t, eps, z = data() * 3, data(seed=2), data(seed=3)
+    t = torch.tensor([0, 5, 500, 999])
+    model = OracleModel(eps)
+    free = Diffusion(clip_denoised=False)
+    assert "clip_denoised=False" in repr(free) and Diffusion().clip_denoised is True
+    assert free.respace(10).clip_denoised is False and free.with_variance("fixed_small").clip_denoised is False
+    unclipped = Diffusion().p_sample(model, x_t, t, noise=z, clip_denoised=False)
+    assert torch.equal(free.p_sample(model, x_t, t, noise=z).sample, unclipped.sample)
+    assert unclipped.pred_x0.abs().max() > 1  # so clipping would have changed it
+    assert torch.equal(free.p_sample(model, x_t, t, noise=z, clip_denoised=True).sample,
+                       Diffusion().p_sample(model, x_t, t, noise=z).sample)
+    x0 = data(seed=4).clamp(-1, 1)
+    assert torch.equal(free.vb_terms_bpd(model, x0, x_t, t)[0],
+                       Diffusion().vb_terms_bpd(model, x0, x_t, t, clip_denoised=False)[0])
+    with pytest.raises(ValueError, match="clip_denoised must be a bool"):
+        Diffusion(clip_denoised=1)
+
+
 def test_respacing():
     d = Diffusion()
     kept = respaced_timesteps(1000, 10)

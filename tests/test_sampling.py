@@ -65,6 +65,12 @@ def test_diffusion_settings_come_from_the_argument_then_the_model(model):
     small = run(model, 2, seed=1, variance="fixed_small")
     assert not torch.allclose(small, run(model, 2, seed=1))
     assert torch.allclose(small, run(model, 2, seed=1, diffusion=Diffusion(timesteps=T, variance="fixed_small")))
+    # clipping: the argument, else the process's own setting
+    free = Diffusion(timesteps=T, clip_denoised=False)
+    unclipped = run(model, 2, seed=1, diffusion=free)
+    assert torch.equal(unclipped, run(model, 2, seed=1, clip_denoised=False))
+    assert not torch.allclose(unclipped, run(model, 2, seed=1))
+    assert torch.equal(run(model, 2, seed=1, diffusion=free, clip_denoised=True), run(model, 2, seed=1))
 
 
 def test_model_mode_is_restored(model):
