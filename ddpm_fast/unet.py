@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ddpm_fast import checkpoints
+from ddpm_fast import checkpoint
 from ddpm_fast.ops import attention
 from ddpm_fast.ops._cache import weights_key
 from ddpm_fast.ops.conv import PackedConv
@@ -274,14 +274,15 @@ class UNet(nn.Module):
         down.0.block.1.norm1, mid.attn_1.q, up.3.upsample.conv, norm_out, conv_out, ...), whose names are this
         class's, so every tensor loads as it is.
 
-        :param state_dict_or_path: a {name: tensor} mapping, or the path of a file torch.load reads into one.
+        :param state_dict_or_path: a {name: tensor} mapping, or the path of a file torch.load reads into one (or
+            of a .safetensors file).
         :param config: the original's keyword arguments: ch, out_ch, ch_mult, num_res_blocks, attn_resolutions,
             dropout, resamp_with_conv, in_channels, resolution (GroupNorm is its 32 groups, eps 1e-6).
         :param diffusion: the Diffusion it was trained with (ddpm_fast.sample then uses it).
         A key the original does not have, a missing or unexpected tensor, or a shape that differs is refused with
         the names; nothing is loaded before every tensor is checked (the model is new: no half-loaded one exists).
         """
-        return checkpoints.from_original(cls, state_dict_or_path, config, diffusion)
+        return checkpoint.from_original(cls, state_dict_or_path, config, diffusion)
 
     @classmethod
     def from_diffusers(cls, path_or_model, *, scheduler=None, diffusion=None) -> "UNet":
@@ -300,7 +301,7 @@ class UNet(nn.Module):
         downsampling padding, class conditioning, ...), a missing or unexpected tensor, or a shape that differs is
         refused with the config key or the checkpoint's tensor name; nothing is loaded before all are checked.
         """
-        return checkpoints.from_diffusers(cls, path_or_model, scheduler, diffusion)
+        return checkpoint.from_diffusers(cls, path_or_model, scheduler, diffusion)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """:param x: (B, in_channels, H, W), H and W divisible by 2^(levels-1). :param t: (B,) code timesteps.
