@@ -7,6 +7,9 @@ U-Net's own.
 
 eager_step: one step of Algorithm 2 as those loops write it: the network, then x0_hat, its clip, the posterior mean
 and the noise as separate elementwise ops, with a torch.randn per step.
+
+eager_train_step: one optimizer step of Algorithm 1 as improved-diffusion writes it: flips, t and eps from torch's
+generator, x_t and the MSE as elementwise ops, backward, the norm clip, Adam, and the EMA one parameter at a time.
 """
 import copy
 
@@ -17,13 +20,12 @@ from ddpm_fast import unet
 from ddpm_fast.ops.conv import PackedConv, conv2d_reference
 
 
-def _group_norm(self, x, add=None, act=False, dropout=0.0, seed=0, layer=0):
-    if dropout:
-        raise ValueError("the eager baseline is for inference: dropout must be 0")
+def _group_norm(self, x, add=None, act=False, dropout=0.0, seed=0, layer=0, sample_index=None, step=0):
     if add is not None:
         x = x + add[:, :, None, None]
     x = F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
-    return F.silu(x) if act else x
+    x = F.silu(x) if act else x
+    return F.dropout(x, dropout) if dropout else x  # torch's generator, as those codebases
 
 
 def _attention(self, x):
@@ -80,3 +82,24 @@ def eager_loop(model, diffusion, n, shape, device, step=eager_step, memory_forma
         t = torch.full((n,), int(diffusion.timestep_map[i]), device=device)
         x = step(model, x, t, rows[i])
     return x.clamp(-1, 1)
+
+
+def eager_train_step(model, optimizer, ema, x0, diffusion, grad_clip=1.0, ema_decay=0.9999):
+    """One training step on the batch x0 ([-1, 1]); `ema` a list of tensors like model.parameters()."""
+    n = x0.shape[0]
+    flip = torch.rand(n, device=x0.device) < 0.5
+    x0 = torch.where(flip[:, None, None, None], x0.flip(3), x0)
+    t = torch.randint(0, diffusion.num_timesteps, (n,), device=x0.device)
+    noise = torch.randn_like(x0)
+    tables = diffusion._on(x0.device, torch.float32)
+    x_t = (tables["sqrt_alphas_cumprod"][t][:, None, None, None] * x0
+           + tables["sqrt_one_minus_alphas_cumprod"][t][:, None, None, None] * noise)
+    loss = F.mse_loss(model(x_t, t), noise)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    with torch.no_grad():
+        for target, source in zip(ema, model.parameters()):
+            target.mul_(ema_decay).add_(source, alpha=1 - ema_decay)
+    return loss.detach()

@@ -83,6 +83,25 @@ def sampler_rows(benchmarks):
     return rows
 
 
+def training_rows(benchmarks):
+    """One row per training benchmark (extra_info "train_steps"): (group, role, steps/s, images/s, median of
+    eager / this, median of compiled / this); None where missing."""
+    groups = {}
+    for bench in benchmarks:
+        if bench.stats and bench.stats.rounds and "train_steps" in bench.extra_info:
+            groups.setdefault(bench.group, []).append(bench)
+    rows = []
+    for group, members in groups.items():
+        by_role = {b.extra_info["role"]: b.stats.median for b in members}
+        for bench in members:
+            median, info = bench.stats.median, bench.extra_info
+            rate = info["train_steps"] / median
+            rows.append((group, info["role"], rate, rate * info["batch"],
+                         by_role["eager"] / median if "eager" in by_role else None,
+                         by_role["compiled"] / median if "compiled" in by_role else None))
+    return rows
+
+
 @pytest.hookimpl(trylast=True)  # after pytest-benchmark's own tables
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     session = getattr(config, "_benchmarksession", None)
@@ -103,6 +122,16 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         for group, role, ms, images, vs_eager, vs_compiled, conv in sampler:
             write(f"| {group} | {role} | {ms:.2f} | {images:.3f} | {fmt(vs_eager, '.2f')}x | "
                   f"{fmt(vs_compiled, '.2f')}x | {fmt(conv, '.0%')} |".replace("| -x", "| -"))
+    training = training_rows(session.benchmarks)
+    if training:
+        write("")
+        write("Training (optimizer steps/s and images/s, medians; vs = that baseline's median / this one's, same group):")
+        write("")
+        write("| group | variant | steps/s | images/s | vs eager | vs compiled |")
+        write("|---|---|---|---|---|---|")
+        for group, role, rate, images, vs_eager, vs_compiled in training:
+            write(f"| {group} | {role} | {rate:.3f} | {images:.1f} | {fmt(vs_eager, '.2f')}x | "
+                  f"{fmt(vs_compiled, '.2f')}x |".replace("| -x", "| -"))
     compute = flops_rows(session.benchmarks)
     if compute:
         write("")

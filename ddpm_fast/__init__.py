@@ -3,11 +3,14 @@ from ddpm_fast.ops._registry import check_required as _check_required
 
 _check_required()  # $DDPM_FAST_REQUIRE=cpp,triton: a missing backend is an import error
 
+from ddpm_fast.checkpoint import load  # noqa: E402
 from ddpm_fast.diffusion import Diffusion, NLLResult  # noqa: E402
 from ddpm_fast.images import make_grid, save_grid, to_uint8  # noqa: E402
 from ddpm_fast.ops import backends  # noqa: E402
 from ddpm_fast.sampling import SampleResult, sample  # noqa: E402
+from ddpm_fast.training import TrainConfig, Trainer, train  # noqa: E402
 from ddpm_fast.unet import UNet  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["Diffusion", "NLLResult", "UNet", "sample", "SampleResult", "backends", "to_uint8", "make_grid", "save_grid"]
+__all__ = ["Diffusion", "NLLResult", "UNet", "sample", "SampleResult", "train", "Trainer", "TrainConfig", "load",
+           "backends", "to_uint8", "make_grid", "save_grid"]

@@ -74,6 +74,9 @@ def _describe(x) -> str:
         else type(x).__name__
 
 
+OBJECTIVES = ("simple", "vlb")
+
+
 class Diffusion:
     """The forward process q, the reverse process p, the training loss and the variational bound.
 
@@ -330,17 +333,26 @@ class Diffusion:
     # ------------------------------------------------------------------------------------------------ training
     def training_loss(self, model: Model, x0: torch.Tensor, t, noise: torch.Tensor | None = None, *,
                       reduction: str = "mean", seed: int = 0, step: int = 0,
-                      sample_index: torch.Tensor | None = None) -> torch.Tensor:
-        """L_simple = ||eps - eps_theta(x_t, t)||^2 averaged over the dimensions of each sample.
+                      sample_index: torch.Tensor | None = None, objective: str = "simple") -> torch.Tensor:
+        """The training loss at (x0, t), with eps drawn inside the fused noising (or given as `noise`).
 
+        :param objective: "simple": L_simple = ||eps - eps_theta(x_t, t)||^2 averaged over each sample's dimensions
+            (the fused loss kernel); "vlb": the paper's true bound L with these fixed variances, estimated at t:
+            T x (its term at t, bits/dim; KL for t > 0, the decoder NLL at t = 0), x0_hat not clipped. Either's mean
+            over uniform t is what training minimises (L_T has no parameters).
         :param reduction: "mean" (a scalar over the batch) or "none" (per sample, (B,)).
         """
         if reduction not in ("mean", "none"):
             raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
+        if objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
         x0 = self._check_x("x0", x0)
         t = self._check_t(t, x0)
         x_t, eps = self._noised(x0, t, noise, seed, step, sample_index)
-        losses = diffusion_step.simple_loss(self._model_eps(model, x_t, self._original_t(t, x0)), eps)
+        if objective == "simple":
+            losses = diffusion_step.simple_loss(self._model_eps(model, x_t, self._original_t(t, x0)), eps)
+        else:
+            losses = self.num_timesteps * self._vb_terms_bpd(model, x0, x_t, t, False)[0]
         return losses.mean() if reduction == "mean" else losses
 
     # ------------------------------------------------------------------------------------------------ the bound

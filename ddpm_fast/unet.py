@@ -14,7 +14,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ddpm_fast import checkpoint
 from ddpm_fast.ops import attention
 from ddpm_fast.ops._cache import weights_key
 from ddpm_fast.ops.conv import PackedConv
@@ -60,9 +59,10 @@ class GroupNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(channels))
 
     def forward(self, x: torch.Tensor, add: torch.Tensor | None = None, act: bool = False, dropout: float = 0.0,
-                seed: int = 0, layer: int = 0) -> torch.Tensor:
+                seed: int = 0, layer: int = 0, sample_index: torch.Tensor | None = None,
+                step: int = 0) -> torch.Tensor:
         return group_norm_silu(x, self.weight, self.bias, self.num_groups, self.eps, add=add, act=act,
-                               dropout=dropout, seed=seed, layer=layer)
+                               dropout=dropout, seed=seed, layer=layer, sample_index=sample_index, step=step)
 
 
 def draw_dropout_seed() -> int:
@@ -89,15 +89,16 @@ class ResnetBlock(nn.Module):
         # the original's `nin` (a 1x1 conv) where the channel count changes
         self.nin_shortcut = _init_(PackedConv(in_channels, out_channels, 1)) if in_channels != out_channels else None
 
-    def forward(self, x: torch.Tensor, temb_act: torch.Tensor, dropout_seed: int | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, temb_act: torch.Tensor, dropout_keys: tuple | None = None) -> torch.Tensor:
         """:param temb_act: silu(temb), (B, temb_channels), shared by every block.
-        :param dropout_seed: the forward's dropout key (UNet draws one per forward); drawn here if None."""
+        :param dropout_keys: the forward's dropout keys (seed, sample_index or None, step) (UNet.forward's); a seed
+            is drawn here if None."""
         h = self.conv1(self.norm1(x, act=True))
         dropout = self.dropout if self.training else 0.0
-        if dropout and dropout_seed is None:
-            dropout_seed = draw_dropout_seed()
-        h = self.norm2(h, add=self.temb_proj(temb_act), act=True, dropout=dropout, seed=dropout_seed or 0,
-                       layer=self.layer)
+        seed, sample_index, step = (draw_dropout_seed(), None, 0) if dropout and dropout_keys is None \
+            else (dropout_keys or (0, None, 0))
+        h = self.norm2(h, add=self.temb_proj(temb_act), act=True, dropout=dropout, seed=seed, layer=self.layer,
+                       sample_index=sample_index if dropout else None, step=step)
         return self.conv2(h, residual=x if self.nin_shortcut is None else self.nin_shortcut(x))
 
 
@@ -282,6 +283,7 @@ class UNet(nn.Module):
         A key the original does not have, a missing or unexpected tensor, or a shape that differs is refused with
         the names; nothing is loaded before every tensor is checked (the model is new: no half-loaded one exists).
         """
+        from ddpm_fast import checkpoint  # here: checkpoint.py builds on this module
         return checkpoint.from_original(cls, state_dict_or_path, config, diffusion)
 
     @classmethod
@@ -301,10 +303,15 @@ class UNet(nn.Module):
         downsampling padding, class conditioning, ...), a missing or unexpected tensor, or a shape that differs is
         refused with the config key or the checkpoint's tensor name; nothing is loaded before all are checked.
         """
+        from ddpm_fast import checkpoint
         return checkpoint.from_diffusers(cls, path_or_model, scheduler, diffusion)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, *, dropout_keys: tuple | None = None) -> torch.Tensor:
         """:param x: (B, in_channels, H, W), H and W divisible by 2^(levels-1). :param t: (B,) code timesteps.
+        :param dropout_keys: in training, the dropout masks' Philox keys (seed, sample_index (B,) int64, step):
+            each sample's masks are then a function of (seed, its index, the step, the layer) alone, whatever the
+            batch split (DESIGN.md: the index in the global batch and the optimizer step). None: a seed drawn
+            from torch's generator, sample_index arange(B), step 0.
         :return: eps prediction (B, out_channels, H, W)."""
         levels = len(self.ch_mult)
         if x.dim() != 4 or x.shape[1] != self.in_channels or x.shape[2] % 2 ** (levels - 1) \
@@ -316,24 +323,26 @@ class UNet(nn.Module):
         t = t.expand(x.shape[0])
         temb = self.temb.dense[0](timestep_embedding(t, self.ch).to(x.dtype))
         temb_act = F.silu(self.temb.dense[1](F.silu(temb)))
-        seed = draw_dropout_seed() if self.training and self.config["dropout"] > 0 else None
+        keys = None
+        if self.training and self.config["dropout"] > 0:
+            keys = tuple(dropout_keys) if dropout_keys is not None else (draw_dropout_seed(), None, 0)
 
         hs = [self.conv_in(x)]
         for level, down in enumerate(self.down):
             for i_block, res_block in enumerate(down.block):
-                h = res_block(hs[-1], temb_act, seed)
+                h = res_block(hs[-1], temb_act, keys)
                 if len(down.attn):
                     h = down.attn[i_block](h)
                 hs.append(h)
             if level != levels - 1:
                 hs.append(down.downsample(hs[-1]))
 
-        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(hs[-1], temb_act, seed)), temb_act, seed)
+        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(hs[-1], temb_act, keys)), temb_act, keys)
 
         for level in reversed(range(levels)):
             up = self.up[level]
             for i_block, res_block in enumerate(up.block):
-                h = res_block(torch.cat([h, hs.pop()], dim=1), temb_act, seed)
+                h = res_block(torch.cat([h, hs.pop()], dim=1), temb_act, keys)
                 if len(up.attn):
                     h = up.attn[i_block](h)
             if level != 0:

@@ -183,6 +183,12 @@ def test_training_loss(diffusion):
     assert diffusion.training_loss(model, x0, t, eps).item() == pytest.approx(per_sample.mean().item())
     with pytest.raises(ValueError, match="reduction"):
         diffusion.training_loss(model, x0, t, eps, reduction="sum")
+    # the paper's true bound L as the objective: T x its term at t (unclipped x0_hat), L_T having no parameters
+    vlb = diffusion.training_loss(model, x0, t, eps, reduction="none", objective="vlb")
+    terms, _ = diffusion.vb_terms_bpd(model, x0, diffusion.q_sample(x0, t, eps), t, clip_denoised=False)
+    assert torch.allclose(vlb, diffusion.num_timesteps * terms, rtol=1e-12)
+    with pytest.raises(ValueError, match="objective must be one of simple, vlb"):
+        diffusion.training_loss(model, x0, t, eps, objective="l1")
 
 
 def test_normal_kl_is_the_closed_form():

@@ -92,6 +92,20 @@ def test_dropout_only_in_training():
     assert not torch.equal(model(x, t), model(x, t))
 
 
+def test_dropout_keys_make_each_samples_masks_its_own():
+    """dropout_keys=(seed, sample_index, step): a sample's masks follow its index and the step, whatever the batch
+    (training keys them by the index in the global batch, so any split of a batch over processes agrees)."""
+    model = randomize_(tiny(dropout=0.5)).train()
+    x, t = torch.randn(4, 2, 8, 8), torch.tensor([3, 4, 5, 6])
+    index = torch.tensor([10, 11, 12, 13])
+    whole = model(x, t, dropout_keys=(7, index, 2))
+    assert torch.equal(whole, model(x, t, dropout_keys=(7, index, 2)))
+    half = model(x[2:], t[2:], dropout_keys=(7, index[2:], 2))
+    assert relative_error(half, whole[2:]) < 1e-6
+    assert not torch.allclose(model(x, t, dropout_keys=(7, index, 3)), whole)  # another step, other masks
+    assert not torch.allclose(model(x, t, dropout_keys=(8, index, 2)), whole)  # another seed
+
+
 def test_group_norm_reference_against_float64():
     x = torch.randn(3, 8, 5, 7, dtype=torch.float64)
     w, b, add = torch.randn(8, dtype=torch.float64), torch.randn(8, dtype=torch.float64), torch.randn(3, 8,

@@ -176,6 +176,22 @@ def philox(counter: torch.Tensor, seed: int, *, backend: str | None = None) -> t
     return _triton()[0](masked, seed)
 
 
+def words(sample_index: torch.Tensor, counter2: torch.Tensor, *, seed: int, stream: int,
+          backend: str | None = None) -> torch.Tensor:
+    """Four uint32 words (as int64) per sample, of counter (0, sample_index[b], counter2[b], stream): the per-sample
+    draws (a training sample's t, its flip). (B,) int64 each -> (B, 4) int64."""
+    _check_seed(seed)
+    if not isinstance(sample_index, torch.Tensor) or sample_index.dim() != 1:
+        raise ValueError(f"sample_index must be a 1-D int64 tensor, got {getattr(sample_index, 'shape', sample_index)}")
+    _check_counter_vector("sample_index", sample_index, sample_index.shape[0], sample_index.device)
+    _check_counter_vector("counter2", counter2, sample_index.shape[0], sample_index.device)
+    if not 0 <= stream < 256:
+        raise ValueError(f"stream must be in [0, 256), got {stream}")
+    counter = torch.stack([torch.zeros_like(sample_index), sample_index, counter2,
+                           torch.full_like(sample_index, stream)], dim=1)
+    return philox(counter, seed, backend=backend)
+
+
 def randn(sample_index: torch.Tensor, counter2: torch.Tensor, shape: tuple[int, ...], *, seed: int, stream: int,
           layer: int = 0, backend: str | None = None) -> torch.Tensor:
     """Standard normal noise, one sample per row, keyed by (seed, sample_index, counter2, stream, layer).

@@ -1,0 +1,228 @@
+"""Training: the recipe's pieces, keyed randomness (resume replays the same steps; two processes under torchrun equal
+one), checkpoints (atomic, verified, refused when damaged), Ctrl-C, and load() -> sample()."""
+import copy
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import ddpm_fast
+from ddpm_fast import Diffusion, UNet
+from ddpm_fast.training import TrainConfig, data_positions
+
+DATA = torch.randint(0, 256, (40, 1, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+SETTINGS = dict(batch_size=8, warmup=2, log_every=1, checkpoint_every=3, progress=False)
+
+
+def tiny(seed=0):
+    torch.manual_seed(seed)
+    return UNet(in_channels=1, image_size=8, ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,),
+                dropout=0.1, num_groups=4, diffusion=Diffusion(timesteps=50))
+
+
+def read_log(out):
+    with open(Path(out) / "log.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_the_papers_recipe_is_the_default():
+    cfg = TrainConfig()
+    assert (cfg.lr, cfg.warmup, cfg.grad_clip, cfg.ema_decay, cfg.batch_size, cfg.flip, cfg.objective) == \
+        (2e-4, 5000, 1.0, 0.9999, 128, True, "simple")
+
+
+def test_one_step_is_the_recipe_written_out(tmp_path):
+    """Step 0 by hand: the keyed t, flips and eps, L_simple, Adam at lr/warmup, the clipped gradient, the EMA."""
+    model = tiny()
+    start = copy.deepcopy(model)
+    trainer = ddpm_fast.train(model, DATA, steps=1, batch_size=8, warmup=4, grad_clip=0.05, ema_decay=0.9,
+                              progress=False)
+    from ddpm_fast.ops import philox
+    j = torch.arange(8)
+    steps = torch.zeros(8, dtype=torch.int64)
+    x0 = DATA[data_positions(0, 8, 40, 0, {})].float() / 127.5 - 1
+    flip = (philox.words(j, steps, seed=0, stream=philox.STREAM_FLIP)[:, 0] & 1).bool()
+    assert 0 < flip.sum() < 8
+    x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
+    t = philox.words(j, steps, seed=0, stream=philox.STREAM_TRAIN_T)[:, 0] % 50
+    eps = philox.randn(j, steps, (1, 8, 8), seed=0, stream=philox.STREAM_TRAIN_EPS)
+    d = start.diffusion
+    abar = d.tables["alphas_cumprod"][t].float()[:, None, None, None]
+    x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * eps
+    start.train()
+    loss = ((start(x_t, t, dropout_keys=(0, j, 0)) - eps) ** 2).mean()
+    loss.backward()
+    params = list(start.parameters())
+    torch.nn.utils.clip_grad_norm_(params, 0.05)
+    optimizer = torch.optim.Adam(params, lr=2e-4 / 4)
+    optimizer.step()
+    for (name, got), expected in zip(trainer.model.named_parameters(), params):
+        assert torch.allclose(got, expected, atol=1e-6), name
+    before = tiny().state_dict()
+    for name, value in trainer.ema.items():
+        assert torch.allclose(value, 0.9 * before[name] + 0.1 * trainer.model.state_dict()[name], atol=1e-6)
+    assert trainer.losses == [(1, pytest.approx(loss.item(), rel=1e-5))]
+
+
+def test_resume_replays_the_same_steps(tmp_path):
+    whole = ddpm_fast.train(tiny(), DATA, out=tmp_path / "a", steps=6, **SETTINGS)
+    first = ddpm_fast.train(tiny(), DATA, out=tmp_path / "b", steps=3, **SETTINGS)
+    rest = ddpm_fast.train(tiny(seed=7), DATA, out=tmp_path / "b", steps=6, **SETTINGS)  # its init is replaced
+    assert whole.losses == first.losses + rest.losses
+    for name, value in whole.model.state_dict().items():
+        assert torch.equal(value, rest.model.state_dict()[name]), name
+    assert all(torch.equal(whole.ema[k], rest.ema[k]) for k in whole.ema)
+    assert [r["loss"] for r in read_log(tmp_path / "a")] == [r["loss"] for r in read_log(tmp_path / "b")]
+    assert sorted(p.name for p in (tmp_path / "b").glob("step_*")) == ["step_00000003", "step_00000006"]  # keep=2
+    assert (tmp_path / "b" / "latest").read_text().strip() == "step_00000006"
+    # the saved run samples with nothing else: its EMA weights and its diffusion
+    model = ddpm_fast.load(tmp_path / "b")
+    assert model.diffusion.num_timesteps == 50 and not model.training
+    assert all(torch.equal(v, whole.ema[k]) for k, v in model.state_dict().items())
+    assert torch.equal(ddpm_fast.load(tmp_path / "b", weights="model").state_dict()["conv_in.weight"],
+                       whole.model.state_dict()["conv_in.weight"])
+    images = ddpm_fast.sample(model, 2, progress=False)
+    assert images.shape == (2, 1, 8, 8) and torch.isfinite(images).all()
+
+
+def test_accumulation_gives_the_same_step():
+    one = ddpm_fast.train(tiny(), DATA, steps=3, **SETTINGS)
+    four = ddpm_fast.train(tiny(), DATA, steps=3, grad_accum=4, **SETTINGS)
+    for name, value in one.model.state_dict().items():
+        assert torch.allclose(value, four.model.state_dict()[name], atol=1e-6), name
+    assert [s for s, _ in one.losses] == [s for s, _ in four.losses]
+    assert [v for _, v in one.losses] == pytest.approx([v for _, v in four.losses], rel=1e-5)
+
+
+TORCHRUN_SCRIPT = """
+import sys, torch, ddpm_fast
+sys.path.insert(0, {tests!r})
+from test_training import DATA, SETTINGS, tiny
+torch.set_num_threads(1)
+trainer = ddpm_fast.train(tiny(), DATA, out={out!r}, steps=4, **SETTINGS)
+if trainer.rank == 0:
+    torch.save(dict(trainer.model.state_dict()), {out!r} + "/final.pt")
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_under_torchrun_equal_one(tmp_path):
+    """torchrun --nproc_per_node 2 on the CPU (gloo): the weights after 4 steps equal one process's, same batch."""
+    one = ddpm_fast.train(tiny(), DATA, steps=4, **SETTINGS)
+    script = tmp_path / "run.py"
+    script.write_text(TORCHRUN_SCRIPT.format(tests=str(Path(__file__).parent), out=str(tmp_path / "two")))
+    torchrun = Path(sys.executable).parent / "torchrun"
+    result = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", str(script)],
+                            capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    two = torch.load(tmp_path / "two" / "final.pt")
+    moved = max((one.model.state_dict()[k] - tiny().state_dict()[k]).abs().max() for k in two)
+    assert moved > 1e-4
+    for name, value in two.items():
+        assert torch.allclose(value, one.model.state_dict()[name], atol=1e-6), name
+    assert [float(r["loss"]) for r in read_log(tmp_path / "two")] == pytest.approx([l for _, l in one.losses],
+                                                                                  rel=1e-5)
+
+
+CTRL_C_SCRIPT = """
+import sys, torch, ddpm_fast
+sys.path.insert(0, {tests!r})
+from test_training import DATA, tiny
+ddpm_fast.train(tiny(), DATA, out={out!r}, steps=100000, batch_size=8, log_every=1, checkpoint_every=100000,
+                progress=False)
+"""
+
+
+def test_ctrl_c_saves_the_last_finished_step(tmp_path):
+    script = tmp_path / "run.py"
+    script.write_text(CTRL_C_SCRIPT.format(tests=str(Path(__file__).parent), out=str(tmp_path / "run")))
+    process = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               cwd=tmp_path)
+    log = tmp_path / "run" / "log.csv"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not log.is_file() or len(log.read_text().splitlines()) < 4):
+        time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode != 0 and b"KeyboardInterrupt" in stderr
+    state = json.loads((tmp_path / "run" / (tmp_path / "run" / "latest").read_text().strip() / "state.json")
+                       .read_text())
+    logged = read_log(tmp_path / "run")
+    assert state["step"] == int(logged[-1]["step"]) >= 3
+    resumed = ddpm_fast.train(tiny(), DATA, out=tmp_path / "run", steps=state["step"] + 1, batch_size=8,
+                              log_every=1, progress=False)
+    assert resumed.losses[0][0] == state["step"] + 1
+
+
+def test_bad_settings_and_runs_are_refused(tmp_path):
+    with pytest.raises(ValueError, match=r"unknown training setting\(s\) \['learning_rate'\]"):
+        ddpm_fast.train(tiny(), DATA, learning_rate=1e-3)
+    with pytest.raises(ValueError, match="batch_size 8 is not divisible by processes x grad_accum = 1 x 3"):
+        ddpm_fast.train(tiny(), DATA, batch_size=8, grad_accum=3)
+    with pytest.raises(ValueError, match="objective must be one of simple, vlb"):
+        ddpm_fast.train(tiny(), DATA, objective="l1")
+    with pytest.raises(ValueError, match=r"the data's images are \(3, 8, 8\), the model takes \(1, 8, 8\)"):
+        ddpm_fast.train(tiny(), torch.zeros(4, 3, 8, 8, dtype=torch.uint8))
+    ddpm_fast.train(tiny(), DATA, out=tmp_path, steps=1, **SETTINGS)
+    with pytest.raises(ValueError, match=r"other settings \(batch_size: 8 -> 4\)"):
+        ddpm_fast.train(tiny(), DATA, out=tmp_path, steps=2, **{**SETTINGS, "batch_size": 4})
+    with pytest.raises(ValueError, match="already holds a run"):
+        ddpm_fast.train(tiny(), DATA, out=tmp_path, steps=2, resume=False, **SETTINGS)
+
+
+def test_damaged_checkpoints_are_refused(tmp_path):
+    ddpm_fast.train(tiny(), DATA, out=tmp_path / "run", steps=1, **SETTINGS)
+    folder = tmp_path / "run" / "step_00000001"
+    with pytest.raises(FileNotFoundError, match="no checkpoint at"):
+        ddpm_fast.load(tmp_path / "absent")
+    weights = folder / "model.safetensors"
+    original = weights.read_bytes()
+    weights.write_bytes(original[:-100])
+    with pytest.raises(ValueError, match=r"model.safetensors is truncated or changed: \d+ bytes, the manifest says"):
+        ddpm_fast.load(folder)
+    weights.write_bytes(original[:-1] + bytes([original[-1] ^ 1]))
+    with pytest.raises(ValueError, match="model.safetensors is corrupted: its sha256 differs"):
+        ddpm_fast.load(folder, weights="model")
+    weights.write_bytes(original)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "version": 99}))
+    manifest = json.loads((folder / "manifest.json").read_text())
+    from ddpm_fast.checkpoint import _sha256
+    manifest["config.json"] = {"bytes": (folder / "config.json").stat().st_size,
+                               "sha256": _sha256(folder / "config.json")}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="version 99; this ddpm_fast reads 'ddpm_fast' version 1"):
+        ddpm_fast.load(folder)
+    (folder / "manifest.json").unlink()
+    with pytest.raises(ValueError, match="not a complete ddpm_fast checkpoint"):
+        ddpm_fast.load(folder)
+
+
+def test_an_unfinished_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
+    """A crash while writing (here: safetensors failing on the EMA file) leaves `latest` and its folder whole."""
+    trainer = ddpm_fast.Trainer(tiny(), DATA, out=tmp_path, steps=2, **SETTINGS)
+    trainer.save()
+    import safetensors.torch
+
+    def broken(tensors, path, *args, **kwargs):
+        if str(path).endswith("ema.safetensors"):
+            raise OSError("disk full")
+        return original(tensors, path, *args, **kwargs)
+
+    original = safetensors.torch.save_file
+    monkeypatch.setattr(safetensors.torch, "save_file", broken)
+    trainer.step = 1
+    with pytest.raises(OSError, match="disk full"):
+        trainer.save()
+    assert (tmp_path / "latest").read_text().strip() == "step_00000000"
+    assert not (tmp_path / "step_00000001").exists()
+    ddpm_fast.load(tmp_path)  # verified whole
