@@ -53,7 +53,7 @@ def _eager(benchmark, preset, compiled):
     batch, steps = (CI_BATCH, 1) if benchmark.disabled else (SIZES[preset], STEPS)
     net = random_unet(preset)
     model = eager_copy(net).train()
-    network = torch.compile(model) if compiled else model
+    network = torch.compile(model, dynamic=False) if compiled else model
     optimizer = torch.optim.Adam(model.parameters(), lr=2e-4)
     ema = [p.detach().clone() for p in model.parameters()]
     diffusion = ddpm_fast.Diffusion()
