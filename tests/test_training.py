@@ -3,6 +3,7 @@ one), checkpoints (atomic, verified, refused when damaged), Ctrl-C, and load() -
 import copy
 import csv
 import json
+import math
 import os
 import signal
 import subprocess
@@ -100,6 +101,20 @@ def test_accumulation_gives_the_same_step():
         assert torch.allclose(value, four.model.state_dict()[name], atol=1e-6), name
     assert [s for s, _ in one.losses] == [s for s, _ in four.losses]
     assert [v for _, v in one.losses] == pytest.approx([v for _, v in four.losses], rel=1e-5)
+
+
+def test_the_bound_objective_and_bf16_autocast_train():
+    """objective="vlb" (T x the bound's term at t) and precision="bfloat16" (autocast; on a GPU "auto" picks it):
+    finite losses, float32 weights that moved."""
+    for settings in (dict(objective="vlb"), dict(precision="bfloat16")):
+        start = tiny()
+        trainer = ddpm_fast.train(copy.deepcopy(start), DATA, steps=2, **SETTINGS, **settings)
+        assert all(math.isfinite(loss) for _, loss in trainer.losses), settings
+        weights = trainer.model.state_dict()
+        assert all(v.dtype == torch.float32 for v in weights.values())
+        assert not torch.equal(weights["conv_in.weight"], start.state_dict()["conv_in.weight"]), settings
+    vlb = ddpm_fast.train(tiny(), DATA, steps=1, **SETTINGS, objective="vlb").losses[0][1]
+    assert vlb != pytest.approx(ddpm_fast.train(tiny(), DATA, steps=1, **SETTINGS).losses[0][1])  # another loss
 
 
 TORCHRUN_SCRIPT = """
