@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from ddpm_fast.kernels.layout import acc_dtype, like, runnable
+from ddpm_fast.kernels.layout import acc_dtype, runnable
 from ddpm_fast.ops import _registry
 from ddpm_fast.ops.philox import (STREAM_REVERSE, STREAM_TRAIN_EPS, _check_seed, philox_normal_reference)
 

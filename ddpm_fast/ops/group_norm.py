@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ddpm_fast.kernels.layout import acc_dtype, like, runnable
+from ddpm_fast.kernels.layout import acc_dtype, runnable
 from ddpm_fast.ops import _registry
 from ddpm_fast.ops.philox import STREAM_DROPOUT, _check_seed, philox_uniform_reference
 
