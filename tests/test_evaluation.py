@@ -1,0 +1,121 @@
+"""The paper's evaluations: the bound over a dataset (against a closed form for Gaussian-like data and its exact
+linear eps-model, and against the data's true entropy), rate-distortion, interpolation."""
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import ddpm_fast
+from ddpm_fast import Diffusion, UNet
+from ddpm_fast.ops import philox
+
+T = 1000
+
+
+def quantized_gaussian(n, shape=(3, 8, 8), mean=0.1, std=0.25, seed=0):
+    """uint8 images whose pixels are i.i.d. round(N(mean, std^2) on the [-1, 1] scale), and the pmf of a pixel."""
+    gen = np.random.default_rng(seed)
+    levels = np.clip(np.round((gen.normal(mean, std, (n, *shape)) + 1) * 127.5), 0, 255).astype(np.uint8)
+    edges = (np.arange(257) - 0.5) / 127.5 - 1
+    edges[0], edges[-1] = -np.inf, np.inf
+    cdf = 0.5 * (1 + np.vectorize(math.erf)((edges - mean) / (std * math.sqrt(2))))
+    return levels, np.diff(cdf)
+
+
+class LinearEps(torch.nn.Module):
+    """The exact eps-model among linear ones for data of pixel mean m and variance v (with noise independent of x0,
+    its x0_hat has MSE v (1 - abar) / (abar v + 1 - abar), whatever the data's shape)."""
+
+    def __init__(self, diffusion, m, v):
+        super().__init__()
+        self.abar = diffusion.tables["alphas_cumprod"].float()
+        self.m, self.v = m, v
+
+    def forward(self, x_t, t):
+        abar = self.abar[t][:, None, None, None]
+        return (1 - abar).sqrt() * (x_t - abar.sqrt() * self.m) / (abar * self.v + 1 - abar)
+
+
+def closed_form_bound(diffusion, m, v):
+    """Expected prior and KL terms (bits/dim) for LinearEps on data of mean m, variance v: the two posteriors
+    differ in mean by coef1_t (x0 - x0_hat) and in variance by the fixed choice."""
+    tab = {k: v_.double() for k, v_ in diffusion.tables.items()}
+    abar, coef1 = tab["alphas_cumprod"], tab["posterior_mean_coef1"]
+    mse = v * (1 - abar) / (abar * v + 1 - abar)
+    var_q = tab["posterior_variance"]
+    var_p = tab["model_variance"]
+    kl = 0.5 * (torch.log(var_p / var_q) + var_q / var_p - 1 + coef1 ** 2 * mse / var_p)
+    prior = 0.5 * (-torch.log(1 - abar[-1]) + (1 - abar[-1]) + abar[-1] * (v + m * m) - 1)
+    return prior.item() / math.log(2), kl[1:].sum().item() / math.log(2)
+
+
+def test_the_bound_of_the_exact_linear_model_is_the_closed_form_and_above_the_entropy():
+    levels, pmf = quantized_gaussian(48)
+    x0 = torch.from_numpy(levels).float() / 127.5 - 1
+    m, v = x0.mean().item(), x0.var().item()
+    diffusion = Diffusion(timesteps=T, variance="fixed_small", clip_denoised=False)
+    model = LinearEps(diffusion, m, v)
+    report = ddpm_fast.nll(model, levels, diffusion=diffusion, batch_size=20, progress=False)
+    prior, kl_sum = closed_form_bound(diffusion, m, v)
+    assert report.prior == pytest.approx(prior, rel=1e-3)
+    assert report.terms_sum == pytest.approx(kl_sum, rel=0.03)  # eps sampling error over 9216 pixels
+    entropy = -(pmf[pmf > 0] * np.log2(pmf[pmf > 0])).sum()
+    assert report.bpd > entropy
+    assert report.bpd == pytest.approx(report.prior + report.terms_sum + report.decoder, rel=1e-6)
+    # its mean over images is nll_bpd's, whatever the batch size
+    direct = diffusion.nll_bpd(model, x0, seed=0, sample_index=torch.arange(48))
+    assert report.bpd == pytest.approx(direct.total.mean().item(), rel=1e-6)
+    assert torch.allclose(report.per_image, direct.total, rtol=1e-5)
+    assert "bits/dim over 48 images" in str(report)
+
+
+def toy_model():
+    torch.manual_seed(0)
+    model = UNet(in_channels=1, image_size=8, ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,),
+                 dropout=0.0, num_groups=4, diffusion=Diffusion(timesteps=20))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.1)
+    return model.eval()
+
+
+def test_rate_distortion_follows_its_own_terms(tmp_path):
+    model = toy_model()
+    data = torch.randint(0, 256, (6, 1, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    rd = ddpm_fast.rate_distortion(model, data, batch_size=4, out=tmp_path, progress=False)
+    report = rd.report
+    terms = report.terms.double()
+    for t in (0, 7, 19):
+        assert rd.rate[t].item() == pytest.approx(report.prior + terms[t + 1:].sum().item(), rel=1e-5)
+        assert rd.distortion[t].item() == pytest.approx(math.sqrt(report.mse[t].item()) * 127.5, rel=1e-6)
+    assert (rd.rate[:-1] >= rd.rate[1:]).all() and rd.rate[-1].item() == pytest.approx(report.prior)
+    rows = (tmp_path / "rate_distortion.csv").read_text().splitlines()
+    assert rows[0] == "t,rate_bits_per_dim,distortion_rmse_0_255" and len(rows) == 21
+    with Image.open(tmp_path / "rate_distortion.png") as image:
+        assert image.size[0] > 600
+
+
+def test_interpolation_decodes_the_mixed_latent_with_shared_noise(tmp_path):
+    model = toy_model()
+    gen = torch.Generator().manual_seed(3)
+    x0, x1 = torch.rand(2, 1, 8, 8, generator=gen) * 2 - 1, torch.rand(2, 1, 8, 8, generator=gen) * 2 - 1
+    out = ddpm_fast.interpolate(model, x0, x1, t=10, lambdas=(0.0, 0.5, 1.0), seed=4, out=tmp_path / "i.png",
+                                progress=False)
+    assert out.shape == (2, 3, 1, 8, 8)
+    d = model.diffusion
+    pair = torch.arange(2)
+    eps = philox.randn(pair, torch.full_like(pair, 10), (1, 8, 8), seed=4, stream=philox.STREAM_EVAL_EPS)
+    for column, lam in enumerate((0.0, 0.5, 1.0)):
+        x = (1 - lam) * d.q_sample(x0, torch.tensor([10, 10]), eps) + lam * d.q_sample(x1, torch.tensor([10, 10]), eps)
+        with torch.no_grad():
+            for step in range(10, -1, -1):
+                x = d.p_sample(model, x, step, seed=4, sample_index=pair).sample
+        assert torch.allclose(out[:, column], x.clamp(-1, 1), atol=1e-5)
+    with Image.open(tmp_path / "i.png") as image:
+        assert image.size == (5 * 8 + 6 * 2, 2 * 8 + 3 * 2)  # x0, three decodings, x0' per row
+    with pytest.raises(ValueError, match=r"t must be an int in \[0, 20\)"):
+        ddpm_fast.interpolate(model, x0, x1, t=20)
+    with pytest.raises(ValueError, match="must have one shape"):
+        ddpm_fast.interpolate(model, x0, x1[:1])
