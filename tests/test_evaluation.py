@@ -1,5 +1,6 @@
 """The paper's evaluations: the bound over a dataset (against a closed form for Gaussian-like data and its exact
 linear eps-model, and against the data's true entropy), rate-distortion, interpolation."""
+import copy
 import math
 
 import numpy as np
@@ -12,6 +13,7 @@ from ddpm_fast import Diffusion, UNet
 from ddpm_fast.ops import philox
 
 T = 1000
+STRIPE_STEPS = 200  # training steps of the toy DDPM for the quality ranking
 
 
 def quantized_gaussian(n, shape=(3, 8, 8), mean=0.1, std=0.25, seed=0):
@@ -119,3 +121,37 @@ def test_interpolation_decodes_the_mixed_latent_with_shared_noise(tmp_path):
         ddpm_fast.interpolate(model, x0, x1, t=20)
     with pytest.raises(ValueError, match="must have one shape"):
         ddpm_fast.interpolate(model, x0, x1[:1])
+
+
+def stripes(n, seed):
+    """8x8 grey images of two classes, horizontal (0) or vertical (1) stripes, random phase and pixel noise."""
+    gen = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, 2, (n,), generator=gen)
+    phase = torch.randint(0, 2, (n,), generator=gen)
+    rows = ((torch.arange(8)[None, :, None] + phase[:, None, None]) % 2).expand(n, 8, 8).float()
+    images = torch.where(labels[:, None, None] == 0, rows, rows.transpose(1, 2)) * 200 + 28
+    images = images + torch.randint(-20, 21, (n, 8, 8), generator=gen)
+    return images.clamp(0, 255).to(torch.uint8)[:, None], labels
+
+
+@pytest.mark.slow
+def test_quality_ranks_a_trained_model_between_an_untrained_one_and_real_data():
+    from ddpm_fast.evaluation import frechet_distance, sample_quality, train_classifier
+    images, labels = stripes(512, 0)
+    held_out, _ = stripes(128, 1)
+    classifier = train_classifier(images, labels, epochs=5, progress=False)
+    torch.manual_seed(0)
+    untrained = UNet(in_channels=1, image_size=8, ch=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(),
+                     dropout=0.0, num_groups=8, diffusion=Diffusion(timesteps=100))
+    trainer = ddpm_fast.train(copy.deepcopy(untrained), images,
+                              steps=STRIPE_STEPS, batch_size=32, lr=1e-3, warmup=20, ema_decay=0.99, flip=False,
+                              progress=False)
+    good = sample_quality(ddpm_fast.sample(trainer.ema_model(), 48, progress=False), held_out, classifier)
+    bad = sample_quality(ddpm_fast.sample(untrained.eval(), 48, progress=False), held_out, classifier)
+    assert good.real_confident > 0.95 and good.real_frechet < good.frechet < bad.frechet
+    assert good.confident > bad.confident + 0.3 and min(good.histogram) > 8  # both classes drawn
+    assert "Fréchet distance" in str(good)
+    # the distance itself: 0 for a set against itself, the closed form for two Gaussians' samples
+    a = torch.randn(4000, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    assert frechet_distance(a, a) == pytest.approx(0, abs=1e-8)
+    assert frechet_distance(a, 2 * a + 1) == pytest.approx(3 * 1 + 3 * (1 + 4 - 2 * 2), rel=0.05)
