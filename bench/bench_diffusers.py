@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import ddpm_fast
-from benchutil import DEVICE, GPU, sync
+from benchutil import DEVICE, GPU, timed_rounds
 
 diffusers = pytest.importorskip("diffusers", reason="diffusers is not installed (README's test command installs it)")
 
@@ -38,16 +38,8 @@ def models():
 
 
 def _time(benchmark, role, run, n, steps):
-    benchmark.group = f"diffusers DDPMPipeline vs ours: cifar10-32 layout x{n} fp32, {steps} steps"
-    benchmark.extra_info.update(role=role, images=n, steps=steps)
-
-    def run_synced():
-        run()
-        sync()
-
-    if not benchmark.disabled:
-        run_synced()  # first touch: allocator, oneDNN primitives, packed weights
-    benchmark.pedantic(run_synced, rounds=1 if benchmark.disabled else 5, warmup_rounds=0)
+    timed_rounds(benchmark, f"diffusers DDPMPipeline vs ours: cifar10-32 layout x{n} fp32, {steps} steps", run,
+                 role=role, images=n, steps=steps)
 
 
 def bench_diffusers_pipeline(benchmark, models):

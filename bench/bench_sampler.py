@@ -25,7 +25,7 @@ import torch
 
 import ddpm_fast
 from baselines import eager_copy, eager_loop, eager_step
-from benchutil import DEVICE, GPU, random_unet, sync
+from benchutil import DEVICE, GPU, random_unet, sync, timed_rounds
 
 if GPU:
     PRESETS = {"cifar10": dict(n=256, steps=50)}  # (each call of ours warms up and captures: 2 steps + a capture)
@@ -91,16 +91,7 @@ def conv_share(model, x, t) -> float:
 
 
 def _time(benchmark, group, run, role, n, steps, **info):
-    benchmark.group = group
-    benchmark.extra_info.update(role=role, images=n, steps=steps, **info)
-
-    def run_synced():
-        run()
-        sync()
-
-    if not benchmark.disabled:
-        run_synced()  # first touch: allocator, oneDNN primitives, Triton and cuBLAS choices
-    benchmark.pedantic(run_synced, rounds=1 if benchmark.disabled else 5, warmup_rounds=0)
+    timed_rounds(benchmark, group, run, role=role, images=n, steps=steps, **info)
 
 
 def _autocast():

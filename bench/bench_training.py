@@ -16,7 +16,7 @@ import torch
 
 import ddpm_fast
 from baselines import eager_copy, eager_train_step
-from benchutil import DEVICE, GPU, random_unet, sync
+from benchutil import DEVICE, GPU, random_unet, timed_rounds
 
 if GPU:
     SIZES = {"cifar10": 128}
@@ -37,16 +37,8 @@ def _data(net, n):
 
 def _time(benchmark, preset, batch, role, run, steps):
     dtype = "bf16" if DTYPE == torch.bfloat16 else "fp32"
-    benchmark.group = f"training {preset} x{batch} {dtype}, {steps} steps per round"
-    benchmark.extra_info.update(role=role, batch=batch, train_steps=steps)
-
-    def run_synced():
-        run()
-        sync()
-
-    if not benchmark.disabled:
-        run_synced()  # first touch: allocator, oneDNN primitives, Adam's state
-    benchmark.pedantic(run_synced, rounds=1 if benchmark.disabled else 5, warmup_rounds=0)
+    timed_rounds(benchmark, f"training {preset} x{batch} {dtype}, {steps} steps per round", run, role=role,
+                 batch=batch, train_steps=steps)
 
 
 def _eager(benchmark, preset, compiled):

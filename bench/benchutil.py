@@ -32,6 +32,22 @@ def timed(benchmark, group, run, role, nbytes=None, backend=None):
     benchmark(run_synced)
 
 
+def timed_rounds(benchmark, group, run, **info):
+    """Times whole runs of run() (a sampler call, some training steps) with the device synchronised: one untimed
+    first call (first touch: the allocator, oneDNN primitives, packed weights, Triton and cuBLAS choices), then 5 rounds; under --benchmark-disable one call. `info` goes to
+    extra_info (role, images, steps, ... for the tables in bench/conftest.py)."""
+    benchmark.group = group
+    benchmark.extra_info.update(info)
+
+    def run_synced():
+        run()
+        sync()
+
+    if not benchmark.disabled:
+        run_synced()
+    benchmark.pedantic(run_synced, rounds=1 if benchmark.disabled else 5, warmup_rounds=0)
+
+
 def random_unet(preset: str, device=DEVICE):
     """The preset's U-Net on `device` in eval mode, every parameter ~N(0, 0.05) from seed 0: fresh norms and the
     zero-initialised output convs would make parts of the network trivial."""

@@ -64,41 +64,43 @@ def flops_rows(benchmarks):
     return rows
 
 
+def _by_group(benchmarks, key):
+    """{group: [(bench, median of the group's eager / this, median of its compiled / this)]} for the benchmarks
+    whose extra_info has `key`; None where the group has no such baseline."""
+    groups = {}
+    for bench in benchmarks:
+        if bench.stats and bench.stats.rounds and key in bench.extra_info:
+            groups.setdefault(bench.group, []).append(bench)
+    out = {}
+    for group, members in groups.items():
+        by_role = {b.extra_info["role"]: b.stats.median for b in members}
+        out[group] = [(b, *(by_role[r] / b.stats.median if r in by_role else None for r in ("eager", "compiled")))
+                      for b in members]
+    return out
+
+
 def sampler_rows(benchmarks):
     """One row per sampler benchmark (extra_info "steps"): (group, role, ms per step, images/s over 1000 steps,
     median of eager / this, median of compiled / this, conv_share); None where missing."""
-    groups = {}
-    for bench in benchmarks:
-        if bench.stats and bench.stats.rounds and "steps" in bench.extra_info:
-            groups.setdefault(bench.group, []).append(bench)
     rows = []
-    for group, members in groups.items():
-        by_role = {b.extra_info["role"]: b.stats.median for b in members}
-        for bench in members:
-            median, info = bench.stats.median, bench.extra_info
-            per_step = median / info["steps"]
-            rows.append((group, info["role"], per_step * 1e3, info["images"] / (1000 * per_step),
-                         by_role["eager"] / median if "eager" in by_role else None,
-                         by_role["compiled"] / median if "compiled" in by_role else None, info.get("conv_share")))
+    for group, members in _by_group(benchmarks, "steps").items():
+        for bench, vs_eager, vs_compiled in members:
+            info = bench.extra_info
+            per_step = bench.stats.median / info["steps"]
+            rows.append((group, info["role"], per_step * 1e3, info["images"] / (1000 * per_step), vs_eager,
+                         vs_compiled, info.get("conv_share")))
     return rows
 
 
 def training_rows(benchmarks):
     """One row per training benchmark (extra_info "train_steps"): (group, role, steps/s, images/s, median of
     eager / this, median of compiled / this); None where missing."""
-    groups = {}
-    for bench in benchmarks:
-        if bench.stats and bench.stats.rounds and "train_steps" in bench.extra_info:
-            groups.setdefault(bench.group, []).append(bench)
     rows = []
-    for group, members in groups.items():
-        by_role = {b.extra_info["role"]: b.stats.median for b in members}
-        for bench in members:
-            median, info = bench.stats.median, bench.extra_info
-            rate = info["train_steps"] / median
-            rows.append((group, info["role"], rate, rate * info["batch"],
-                         by_role["eager"] / median if "eager" in by_role else None,
-                         by_role["compiled"] / median if "compiled" in by_role else None))
+    for group, members in _by_group(benchmarks, "train_steps").items():
+        for bench, vs_eager, vs_compiled in members:
+            rate = bench.extra_info["train_steps"] / bench.stats.median
+            rows.append((group, bench.extra_info["role"], rate, rate * bench.extra_info["batch"], vs_eager,
+                         vs_compiled))
     return rows
 
 
