@@ -5,9 +5,9 @@
 #
 #   bash bench/gpu_check.sh                  build, test, bench (each under its own time cap)
 #   bash bench/gpu_check.sh --only bench     one stage (build|test|bench; a comma list such as build,bench works too)
-#   bash bench/gpu_check.sh --dry-run        every stage at tiny sizes on the CPU against the installed build, no
-#                                            pip install: CI runs this (tests/test_gpu_check_script.py) so the
-#                                            script cannot rot between the rare GPU runs
+#   bash bench/gpu_check.sh --dry-run        a slice of every stage at tiny sizes on the CPU, against the installed
+#                                            build, no pip install: CI runs this (tests/test_gpu_check_script.py)
+#                                            so the script cannot rot between the rare GPU runs
 #
 # Environment: PYTHON (default python3), TORCH_CUDA_ARCH_LIST (default 9.0), CUDA_HOME (default: from nvcc),
 # MAX_JOBS (default: the core count), GPU_CHECK_BUILD_CAP / _TEST_CAP / _BENCH_CAP (seconds per stage).
@@ -108,8 +108,9 @@ print('backends:', ', '.join(f'{name} {\"yes\" if s.available else \"NO\"}' for 
 stage_test() {
     if [[ $DRY_RUN == 1 ]]; then
         # tests/test_gpu_check_script.py runs this dry run: never run it here (no recursion)
+        # (a slice is enough to exercise the stage: CI runs the whole suite itself)
         if [[ -f tests/test_diffusion_step.py ]]; then
-            $PYTEST tests/test_diffusion_step.py -q -x -k "not slow"
+            $PYTEST tests/test_diffusion_step.py -q -x -k "not slow and cpp"
         else
             $PYTEST tests/test_backends.py tests/test_philox.py -q -x -k "not slow"
         fi
@@ -129,9 +130,10 @@ stage_test() {
 
 stage_bench() {
     if [[ $DRY_RUN == 1 ]]; then
-        # each bench once, on the CPU; not the torch.compile ones (CI's own run of bench/ has them: a minute of
-        # compiling that would only time this script)
-        $PYTEST bench/ -q --benchmark-disable -k "not compiled"
+        # the ops' benches once, on the CPU: enough to exercise the stage (CI's own run of bench/ runs every bench
+        # once, the sampler, diffusers and training ones too)
+        $PYTEST bench/bench_philox.py bench/bench_diffusion_step.py bench/bench_group_norm.py \
+            bench/bench_attention.py -q --benchmark-disable -k "not compiled"
         return
     fi
     $PYTEST bench/ --benchmark-only --benchmark-columns=min,median,max,rounds \

@@ -1,5 +1,6 @@
 """ddpm_fast.sample: Algorithm 2 of the paper, seeded per image, batch-split invariant, with clear errors; progressive
 generation (return_intermediates); the batch size by free memory."""
+import gc
 import time
 
 import pytest
@@ -183,8 +184,15 @@ def test_memory_readings_on_the_cpu():
         block.fill_(1.0)
         time.sleep(0.02)
 
-    peak = memory.peak_bytes(hold_64_mib, torch.device("cpu"))
-    assert 64 * 2**20 <= peak < 80 * 2**20
+    # mallinfo2 counts the whole process: a garbage collection of earlier tests' objects inside the window would
+    # subtract what it frees (CI once read 64 MiB - 30 KB), so collect first and hold the collector off
+    gc.collect()
+    gc.disable()
+    try:
+        peak = memory.peak_bytes(hold_64_mib, torch.device("cpu"))
+    finally:
+        gc.enable()
+    assert 64 * 2**20 - 2**20 <= peak < 80 * 2**20  # 1 MiB of slack for frees by other threads
     assert memory.free_bytes(torch.device("cpu")) > 64 * 2**20
     assert memory.peak_bytes(hold_64_mib, torch.device("meta")) is None
 
