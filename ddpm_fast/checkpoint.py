@@ -414,20 +414,22 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _write_json(path: Path, value) -> None:
+def _write_synced(path: Path, text: str) -> None:
+    """Write `text` and wait for it to reach the disk (before a rename makes it visible)."""
     with open(path, "w") as f:
-        json.dump(value, f, indent=1)
+        f.write(text)
         f.flush()
         os.fsync(f.fileno())
+
+
+def _write_json(path: Path, value) -> None:
+    _write_synced(path, json.dumps(value, indent=1))
 
 
 def replace_atomically(path: Path, text: str) -> None:
     """Write `text` to `path` through a temporary file and a rename: a reader sees the old file or the new one."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
+    _write_synced(tmp, text)
     os.replace(tmp, path)
 
 
@@ -541,8 +543,7 @@ def load(path, *, weights: str | None = None, device=None) -> UNet:
     has_ema = (folder / "ema.safetensors").is_file()
     if weights == "ema" and not has_ema:
         raise ValueError(f"{folder} has no EMA weights (ema.safetensors); load weights='model'")
-    file = folder / ("ema.safetensors" if (weights or ("ema" if has_ema else "model")) == "ema" else
-                     "model.safetensors")
+    file = folder / f"{weights or ('ema' if has_ema else 'model')}.safetensors"
     model = UNet(**config["unet"], diffusion=diffusion_from_config(config["diffusion"]))
     load_checked(model, read_state_dict(file))
     return model.to(device or "cpu").eval()

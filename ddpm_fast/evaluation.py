@@ -17,6 +17,7 @@ from ddpm_fast import images as _images
 from ddpm_fast.data import load_images, to_model_range
 from ddpm_fast.diffusion import Diffusion
 from ddpm_fast.ops import philox
+from ddpm_fast.sampling import _model_device, _resolve_diffusion, eval_mode
 
 
 @dataclass
@@ -42,13 +43,10 @@ class NLLReport:
 
 
 def _setup(model, diffusion, device):
-    diffusion = diffusion or getattr(model, "diffusion", None) or Diffusion()
-    if not isinstance(diffusion, Diffusion):
-        raise ValueError(f"diffusion must be a ddpm_fast.Diffusion, got {type(diffusion).__name__}")
-    if device is None:
-        param = next(iter(model.parameters()), None) if isinstance(model, torch.nn.Module) else None
-        device = param.device if param is not None else torch.device("cpu")
-    return diffusion, torch.device(device)
+    """The process (as sample(): the argument, else the model's, else Diffusion()) and the device (the argument, else
+    the model's, else the CPU)."""
+    device = device if device is not None else (_model_device(model) or torch.device("cpu"))
+    return _resolve_diffusion(model, diffusion, None, None), torch.device(device)
 
 
 def nll(model, data, *, diffusion: Diffusion | None = None, batch_size: int = 64, seed: int = 0, device=None,
@@ -65,25 +63,18 @@ def nll(model, data, *, diffusion: Diffusion | None = None, batch_size: int = 64
         images = images[:limit]
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    was_training = model.training if isinstance(model, torch.nn.Module) else None
-    if was_training:
-        model.eval()
     totals, priors, terms, mse = [], [], [], []
-    try:
-        with tqdm(total=len(images) * diffusion.num_timesteps, desc="bound", unit="term", disable=not progress) \
-                as bar:
-            for start in range(0, len(images), batch_size):
-                x0 = to_model_range(images[start:start + batch_size].to(device))
-                index = torch.arange(start, start + len(x0), device=device)
-                result = diffusion.nll_bpd(model, x0, seed=seed, sample_index=index)
-                totals.append(result.total.cpu())
-                priors.append(result.prior.cpu())
-                terms.append(result.terms.cpu())
-                mse.append(result.mse.cpu())
-                bar.update(len(x0) * diffusion.num_timesteps)
-    finally:
-        if was_training:
-            model.train()
+    with eval_mode(model), tqdm(total=len(images) * diffusion.num_timesteps, desc="bound", unit="term",
+                                disable=not progress) as bar:
+        for start in range(0, len(images), batch_size):
+            x0 = to_model_range(images[start:start + batch_size].to(device))
+            index = torch.arange(start, start + len(x0), device=device)
+            result = diffusion.nll_bpd(model, x0, seed=seed, sample_index=index)
+            totals.append(result.total.cpu())
+            priors.append(result.prior.cpu())
+            terms.append(result.terms.cpu())
+            mse.append(result.mse.cpu())
+            bar.update(len(x0) * diffusion.num_timesteps)
     terms_all = torch.cat(terms)
     return NLLReport(bpd=torch.cat(totals).mean().item(), prior=torch.cat(priors).mean().item(),
                      terms_sum=terms_all[:, 1:].sum(1).mean().item(), decoder=terms_all[:, 0].mean().item(),
@@ -185,16 +176,9 @@ def interpolate(model, x0: torch.Tensor, x0_prime: torch.Tensor, *, t: int = 500
     lam = lambdas.to(device)[None, :, None, None, None]
     x = ((1 - lam) * x_t[:, None] + lam * x_t_prime[:, None]).reshape(pairs * count, *x0.shape[1:])
     index = pair.repeat_interleave(count)  # the pair's index: every lambda decodes with the same noise
-    was_training = model.training if isinstance(model, torch.nn.Module) else None
-    if was_training:
-        model.eval()
-    try:
-        with torch.inference_mode():
-            for step in tqdm(range(t, -1, -1), desc="decoding", unit="step", disable=not progress, leave=False):
-                x = diffusion.p_sample(model, x, step, seed=seed, sample_index=index).sample
-    finally:
-        if was_training:
-            model.train()
+    with eval_mode(model), torch.inference_mode():
+        for step in tqdm(range(t, -1, -1), desc="decoding", unit="step", disable=not progress, leave=False):
+            x = diffusion.p_sample(model, x, step, seed=seed, sample_index=index).sample
     decoded = x.clamp(-1, 1).reshape(pairs, count, *x0.shape[1:])
     if out is not None:
         rows = torch.cat([x0[:, None], decoded, x0_prime[:, None]], dim=1)

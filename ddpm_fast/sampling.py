@@ -10,6 +10,7 @@ network runs under bf16 autocast there by default (the state stays float32).
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 from pathlib import Path
 from typing import Callable, NamedTuple
@@ -99,6 +100,19 @@ def _model_device(model) -> torch.device | None:
         for tensor in model.buffers():
             return tensor.device
     return None
+
+
+@contextlib.contextmanager
+def eval_mode(model):
+    """The model in eval mode within the block (no dropout), in its own mode again after; a plain callable as it is."""
+    was_training = isinstance(model, nn.Module) and model.training
+    if was_training:
+        model.eval()
+    try:
+        yield model
+    finally:
+        if was_training:
+            model.train()
 
 
 def _memory_format(model) -> torch.memory_format:
@@ -376,10 +390,7 @@ def sample(model, n: int, *, diffusion: Diffusion | None = None, sampler: str = 
     steps_count = diffusion.num_timesteps
     recorded = _recorded_steps(steps_count, return_intermediates) if return_intermediates else []
     t_start = int(diffusion.timestep_map[-1]) + 1  # the counter of x_T: the original T
-    was_training = model.training if isinstance(model, nn.Module) else None
-    if was_training:
-        model.eval()
-    try:
+    with eval_mode(model):
         # (in eval mode: the memory probe's model calls must not draw dropout; before the run's buffers exist)
         batch_size = _batch_size(network, shape, device, n, batch_size, len(recorded))
         images = torch.empty(n, *shape, dtype=torch.float32, device=device)
@@ -406,9 +417,6 @@ def sample(model, n: int, *, diffusion: Diffusion | None = None, sampler: str = 
                 raise FloatingPointError(
                     f"sampling produced NaN/inf in the reverse step from t={step} (code index; paper t={step + 1}) "
                     f"for images {start}..{stop - 1}; check the model's output at that timestep")
-    finally:
-        if was_training:
-            model.train()
     if not return_intermediates:
         return images
     paper_t = tuple(int(diffusion.timestep_map[steps_count - 1 - j]) + 1 for j in recorded)

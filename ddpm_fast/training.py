@@ -187,7 +187,9 @@ class Trainer:
         self.out = Path(out) if out is not None else None
         self.progress = progress and self.rank == 0
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=self.config.lr)
-        self.ema = {k: v.detach().clone().float() for k, v in self.model.state_dict().items()}
+        weights = self.model.state_dict()  # views of the parameters: updated in place by every step and load
+        self.ema = {k: v.detach().clone().float() for k, v in weights.items()}
+        self._ema_pairs = (list(self.ema.values()), list(weights.values()))
         self.step = 0
         self.losses: list[tuple[int, float]] = []  # (step, mean loss over the global batch) at every log line
         if resume and self.out is not None and (self.out / "latest").is_file():
@@ -277,10 +279,8 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():
-            state = self.model.state_dict()
-            names = list(self.ema)
-            torch._foreach_lerp_([self.ema[k] for k in names], [state[k].float() for k in names],
-                                 1.0 - cfg.ema_decay)
+            targets, sources = self._ema_pairs
+            torch._foreach_lerp_(targets, [t.float() for t in sources], 1.0 - cfg.ema_decay)
         return norm
 
     # ------------------------------------------------------------------------------------------------ the run

@@ -95,8 +95,9 @@ class ResnetBlock(nn.Module):
             is drawn here if None."""
         h = self.conv1(self.norm1(x, act=True))
         dropout = self.dropout if self.training else 0.0
-        seed, sample_index, step = (draw_dropout_seed(), None, 0) if dropout and dropout_keys is None \
-            else (dropout_keys or (0, None, 0))
+        if dropout and dropout_keys is None:
+            dropout_keys = (draw_dropout_seed(), None, 0)
+        seed, sample_index, step = dropout_keys or (0, None, 0)
         h = self.norm2(h, add=self.temb_proj(temb_act), act=True, dropout=dropout, seed=seed, layer=self.layer,
                        sample_index=sample_index if dropout else None, step=step)
         return self.conv2(h, residual=x if self.nin_shortcut is None else self.nin_shortcut(x))

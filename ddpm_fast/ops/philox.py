@@ -156,6 +156,15 @@ def _check_counter_vector(name: str, value: torch.Tensor, batch: int, device: to
         raise ValueError(f"{name} is on {value.device} but sample_index is on {device}")
 
 
+def _check_keys(seed, sample_index, counter2) -> None:
+    """The keys of a per-sample draw: the seed, and (B,) int64 sample_index and counter2 on one device."""
+    _check_seed(seed)
+    if not isinstance(sample_index, torch.Tensor) or sample_index.dim() != 1:
+        raise ValueError(f"sample_index must be a 1-D int64 tensor, got {getattr(sample_index, 'shape', sample_index)}")
+    _check_counter_vector("sample_index", sample_index, sample_index.shape[0], sample_index.device)
+    _check_counter_vector("counter2", counter2, sample_index.shape[0], sample_index.device)
+
+
 def philox(counter: torch.Tensor, seed: int, *, backend: str | None = None) -> torch.Tensor:
     """Raw Philox4x32-10 words (for tests and integer draws).
 
@@ -180,11 +189,7 @@ def words(sample_index: torch.Tensor, counter2: torch.Tensor, *, seed: int, stre
           backend: str | None = None) -> torch.Tensor:
     """Four uint32 words (as int64) per sample, of counter (0, sample_index[b], counter2[b], stream): the per-sample
     draws (a training sample's t, its flip). (B,) int64 each -> (B, 4) int64."""
-    _check_seed(seed)
-    if not isinstance(sample_index, torch.Tensor) or sample_index.dim() != 1:
-        raise ValueError(f"sample_index must be a 1-D int64 tensor, got {getattr(sample_index, 'shape', sample_index)}")
-    _check_counter_vector("sample_index", sample_index, sample_index.shape[0], sample_index.device)
-    _check_counter_vector("counter2", counter2, sample_index.shape[0], sample_index.device)
+    _check_keys(seed, sample_index, counter2)
     if not 0 <= stream < 256:
         raise ValueError(f"stream must be in [0, 256), got {stream}")
     counter = torch.stack([torch.zeros_like(sample_index), sample_index, counter2,
@@ -202,11 +207,7 @@ def randn(sample_index: torch.Tensor, counter2: torch.Tensor, shape: tuple[int, 
     :param stream: one of the STREAM_* constants (0..255); layer: the dropout layer index (0..2^23-1).
     :return: (B, *shape) float32 on sample_index's device.
     """
-    _check_seed(seed)
-    if not isinstance(sample_index, torch.Tensor) or sample_index.dim() != 1:
-        raise ValueError(f"sample_index must be a 1-D int64 tensor, got {getattr(sample_index, 'shape', sample_index)}")
-    _check_counter_vector("sample_index", sample_index, sample_index.shape[0], sample_index.device)
-    _check_counter_vector("counter2", counter2, sample_index.shape[0], sample_index.device)
+    _check_keys(seed, sample_index, counter2)
     if not 0 <= stream < 256 or not 0 <= layer < 2**23:
         raise ValueError(f"stream must be in [0, 256) and layer in [0, 2^23), got stream={stream}, layer={layer}")
     shape = tuple(int(s) for s in shape)
