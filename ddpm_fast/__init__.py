@@ -5,7 +5,7 @@ _check_required()  # $DDPM_FAST_REQUIRE=cpp,triton: a missing backend is an impo
 
 from ddpm_fast.checkpoint import load  # noqa: E402
 from ddpm_fast.diffusion import Diffusion, NLLResult  # noqa: E402
-from ddpm_fast.evaluation import NLLReport, RateDistortion, interpolate, nll, rate_distortion  # noqa: E402
+from ddpm_fast.evaluation import InceptionStats, NLLReport, RateDistortion, fid, interpolate, nll, rate_distortion  # noqa: E402
 from ddpm_fast.images import make_grid, save_grid, to_uint8  # noqa: E402
 from ddpm_fast.ops import backends  # noqa: E402
 from ddpm_fast.sampling import SampleResult, sample  # noqa: E402
@@ -15,4 +15,5 @@ from ddpm_fast.unet import UNet  # noqa: E402
 __version__ = "0.1.0"
 __all__ = ["Diffusion", "NLLResult", "UNet", "sample", "SampleResult", "train", "Trainer", "TrainConfig", "load",
            "nll", "NLLReport", "rate_distortion", "RateDistortion", "interpolate",
+           "fid", "InceptionStats",
            "backends", "to_uint8", "make_grid", "save_grid"]

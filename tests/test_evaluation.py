@@ -134,20 +134,46 @@ def stripes(n, seed):
     return images.clamp(0, 255).to(torch.uint8)[:, None], labels
 
 
-@pytest.mark.slow
-def test_quality_ranks_a_trained_model_between_an_untrained_one_and_real_data():
-    from ddpm_fast.evaluation import frechet_distance, sample_quality, train_classifier
+@pytest.fixture(scope="module")
+def stripe_models():
+    """A toy DDPM trained STRIPE_STEPS steps on 512 stripe images (~10 s), its untrained start, and 128 held-out
+    images of the same kind with their labels; shared by the quality and rate-distortion tests."""
     images, labels = stripes(512, 0)
-    held_out, _ = stripes(128, 1)
-    classifier = train_classifier(images, labels, epochs=5, progress=False)
     torch.manual_seed(0)
     untrained = UNet(in_channels=1, image_size=8, ch=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(),
                      dropout=0.0, num_groups=8, diffusion=Diffusion(timesteps=100))
     trainer = ddpm_fast.train(copy.deepcopy(untrained), images,
                               steps=STRIPE_STEPS, batch_size=32, lr=1e-3, warmup=20, ema_decay=0.99, flip=False,
                               progress=False)
-    good = sample_quality(ddpm_fast.sample(trainer.ema_model(), 48, progress=False), held_out, classifier)
-    bad = sample_quality(ddpm_fast.sample(untrained.eval(), 48, progress=False), held_out, classifier)
+    return dict(images=images, labels=labels, held_out=stripes(128, 1)[0], trained=trainer.ema_model(),
+                untrained=untrained.eval())
+
+
+@pytest.mark.slow
+def test_rate_distortion_of_a_trained_toy_model(stripe_models, tmp_path):
+    """The curve means something once the model has learnt: the distortion falls as bits arrive (t going down) and
+    ends near 0, below the untrained model's; most bits go to the last steps, where the distortion is already small
+    (the paper's Figure 5 finding); and the last point's rate is the whole bound but L_0."""
+    held_out = stripe_models["held_out"][:32]
+    trained = ddpm_fast.rate_distortion(stripe_models["trained"], held_out, out=tmp_path, progress=False)
+    untrained = ddpm_fast.rate_distortion(stripe_models["untrained"], held_out, progress=False)
+    d, rate = trained.distortion, trained.rate
+    coarse = d[[0, 20, 40, 60, 80, 99]]
+    assert (coarse[:-1] < coarse[1:]).all() and d[0] < 0.02 * held_out.double().std().item()
+    assert (d[10:] < 0.9 * untrained.distortion[10:]).all()  # below t = 10 both see x0 through little noise
+    assert rate[0] - rate[10] > 0.5 * rate[0] and d[10] < 0.3 * d[99]
+    assert trained.rate[0].item() == pytest.approx(trained.report.bpd - trained.report.decoder, rel=1e-5)
+    assert trained.report.bpd < untrained.report.bpd
+    assert (tmp_path / "rate_distortion.png").is_file()
+
+
+@pytest.mark.slow
+def test_quality_ranks_a_trained_model_between_an_untrained_one_and_real_data(stripe_models):
+    from ddpm_fast.evaluation import frechet_distance, sample_quality, train_classifier
+    held_out = stripe_models["held_out"]
+    classifier = train_classifier(stripe_models["images"], stripe_models["labels"], epochs=5, progress=False)
+    good = sample_quality(ddpm_fast.sample(stripe_models["trained"], 48, progress=False), held_out, classifier)
+    bad = sample_quality(ddpm_fast.sample(stripe_models["untrained"], 48, progress=False), held_out, classifier)
     assert good.real_confident > 0.95 and good.real_frechet < good.frechet < bad.frechet
     assert good.confident > bad.confident + 0.3 and min(good.histogram) > 8  # both classes drawn
     assert "Fréchet distance" in str(good)
