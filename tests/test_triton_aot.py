@@ -225,19 +225,31 @@ print(json.dumps({"info": info, "results": results}))
 
 @pytest.fixture(scope="module")
 def aot(tmp_path_factory):
-    """Compile every case in one subprocess (no TRITON_INTERPRET, a fresh Triton cache so nothing is reused)."""
+    """Compile every case in subprocesses (no TRITON_INTERPRET, fresh Triton caches so nothing is reused), one per
+    core, each taking every k-th case: the compiles are single-threaded, and nothing else runs meanwhile."""
     env = {k: v for k, v in os.environ.items()
            if k not in ("TRITON_INTERPRET", "DDPM_FAST_REQUIRE", "DDPM_FAST_BACKEND")}
-    env["TRITON_CACHE_DIR"] = str(tmp_path_factory.mktemp("triton_cache"))
-    request = {"target": list(TARGET), "modules": MODULES, "blocks": BLOCKS, "warps": WARPS, "cases": CASES}
-    # -P and a cwd outside the checkout: import the installed ddpm_fast, never the repository's copy
-    done = subprocess.run([sys.executable, "-P", "-c", _COMPILE], input=json.dumps(request), capture_output=True,
-                          text=True, env=env, cwd=tmp_path_factory.mktemp("aot_cwd"), timeout=300)
-    if done.returncode != 0:
-        pytest.fail(f"the AOT compile subprocess failed (rc {done.returncode}):\n{done.stderr[-6000:]}")
-    out = json.loads(done.stdout.strip().splitlines()[-1])
-    out["results"] = {r["id"]: r for r in out["results"]}
-    return out
+    workers = max(1, min(len(os.sched_getaffinity(0)), 4))
+    running = []
+    for k in range(workers):
+        env_k = dict(env, TRITON_CACHE_DIR=str(tmp_path_factory.mktemp("triton_cache")))
+        request = {"target": list(TARGET), "modules": MODULES, "blocks": BLOCKS, "warps": WARPS,
+                   "cases": CASES[k::workers]}
+        # -P and a cwd outside the checkout: import the installed ddpm_fast, never the repository's copy
+        process = subprocess.Popen([sys.executable, "-P", "-c", _COMPILE], stdin=subprocess.PIPE,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env_k,
+                                   cwd=tmp_path_factory.mktemp("aot_cwd"))
+        process.stdin.write(json.dumps(request))  # (read whole before any compile: all of them start now)
+        process.stdin.close()
+        process.stdin = None  # (so that communicate() below does not touch it)
+        running.append(process)
+    outputs = []
+    for process in running:
+        stdout, stderr = process.communicate(timeout=300)
+        if process.returncode != 0:
+            pytest.fail(f"an AOT compile subprocess failed (rc {process.returncode}):\n{stderr[-6000:]}")
+        outputs.append(json.loads(stdout.strip().splitlines()[-1]))
+    return {"info": outputs[0]["info"], "results": {r["id"]: r for out in outputs for r in out["results"]}}
 
 
 def test_the_cases_cover_every_kernel():
