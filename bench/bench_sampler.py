@@ -156,3 +156,23 @@ def bench_ours(benchmark, preset, layout, cuda_graph):
 
     _time(benchmark, _group(preset, layout, **size), run, "ours" if cuda_graph or not GPU else "ours (no graph)",
           **size, **info)
+
+
+@pytest.mark.parametrize("out_format", [None, "png", "npz"], ids=lambda f: f"streamed-{f}" if f else "in-memory")
+def bench_streaming(benchmark, tmp_path, out_format):
+    """sample(out=) against the same run in memory: two batches, so that the writer thread's files overlap the
+    second batch's sampling (the issue's bar: streaming costs < 5% of images/s). Each round writes a fresh folder."""
+    preset = "cifar10" if GPU else "small"
+    size = sizes(benchmark, preset)
+    batch = max(size["n"] // 2, 1)
+    net = network(preset, "contiguous")
+    rounds = iter(range(1000))
+
+    def run():
+        out = None if out_format is None else tmp_path / f"round{next(rounds)}"
+        ddpm_fast.sample(net, size["n"], batch_size=batch, steps=size["steps"], progress=False, network_dtype=DTYPE,
+                         out=out, out_format=out_format or "png")
+
+    role = "ours" if out_format is None else f"ours, streamed to {out_format}"
+    group = _group(preset, "contiguous", **size).replace("sampler", "streaming") + f", batch {batch}"
+    _time(benchmark, group, run, role, **size)

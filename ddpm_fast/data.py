@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ddpm_fast import sample_store
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
@@ -30,7 +32,7 @@ def load_images(source, *, image_size: int | None = None, progress: bool = True)
     :param source: a uint8 array or tensor ((N, C, H, W), (N, H, W, C) with C in 1, 3, 4 (read as (N, C, H, W)
         where both fit), or (N, H, W)); or a
         path: a folder of PNG/JPEG images (searched recursively), a folder of CIFAR-10's python batches
-        (data_batch_1..5), or an .npz file (its array named x, images or arr_0, or its only array).
+        (data_batch_1..5), a finished folder of sample(out=) (PNG or .npz shards), or an .npz file (its array named x, images or arr_0, or its only array).
     :param image_size: for a folder: centre-crop each image to a square and resize it to this size (Lanczos).
         Without it every image must have the same size.
     """
@@ -42,6 +44,8 @@ def load_images(source, *, image_size: int | None = None, progress: bool = True)
             if path.suffix != ".npz":
                 raise ValueError(f"{path}: a data file must be an .npz array (or give a folder of images)")
             return _as_nchw(_read_npz(path), str(path))
+        if sample_store.is_samples_folder(path):  # sample(out=)'s, PNG or .npz shards, finished
+            return sample_store.read_samples(path)
         if sorted(path.glob("data_batch_*")):
             return _read_cifar10(path)
         return _read_folder(path, image_size, progress)

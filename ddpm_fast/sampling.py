@@ -20,8 +20,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ddpm_fast import memory
+from ddpm_fast import sample_store as _sample_store
 from ddpm_fast.diffusion import Diffusion
-from ddpm_fast.images import save_grid
+from ddpm_fast.images import save_grid, to_uint8
 from ddpm_fast.kernels.layout import is_channels_last
 from ddpm_fast.ops import philox
 
@@ -149,13 +150,14 @@ def _resolve_diffusion(model, diffusion, variance, steps) -> Diffusion:
     return diffusion
 
 
-def _batch_size(model, shape, device, n: int, asked: int | None, recorded: int) -> int:
-    """The batch size: `asked`, or min(n, DEFAULT_MAX_BATCH, what fits) (what fits: on PROBED_DEVICES). An asked
-    batch that does not fit, or no batch at all, is an error that says what would fit and why."""
+def _batch_size(model, shape, device, n: int, asked: int | None, held_images: int) -> int:
+    """The batch size: `asked`, or min(n, DEFAULT_MAX_BATCH, what fits) (what fits: on PROBED_DEVICES, with
+    `held_images` images kept for the whole run). An asked batch that does not fit, or no batch at all, is an error
+    that says what would fit and why."""
     want = min(n, DEFAULT_MAX_BATCH) if asked is None else asked
     if device.type not in PROBED_DEVICES:
         return want
-    fits, words = _batch_that_fits(model, shape, device, n * (1 + 2 * recorded))
+    fits, words = _batch_that_fits(model, shape, device, held_images)
     if fits is None:
         return want
     if fits < 1:
@@ -330,7 +332,7 @@ class _GraphedStep:
 def sample(model, n: int, *, diffusion: Diffusion | None = None, sampler: str = "ddpm", steps: int | None = None,
            eta: float = 0.0, seed: int = 0, batch_size: int | None = None, device=None,
            clip_denoised: bool | None = None, variance: str | None = None, shape=None, progress: bool = True,
-           return_intermediates: int = 0, out=None,
+           return_intermediates: int = 0, out=None, out_format: str = "png",
            cuda_graph: bool = True, network_dtype: torch.dtype | None = None) -> torch.Tensor | SampleResult:
     """Draw n images from the reverse process of `model`.
 
@@ -351,11 +353,17 @@ def sample(model, n: int, *, diffusion: Diffusion | None = None, sampler: str = 
     :param progress: show a progress bar over the steps.
     :param return_intermediates: k > 0: also record x_t and x0_hat at every k-th step (the first and last always)
         and return a SampleResult; its save_grid draws them (the paper's Figure 6).
+    :param out: a folder: write the images there as each batch finishes (8-bit, sample_store.py's format), never
+        holding all n, and return the folder's path. Started again on the same folder, the run continues: it
+        skips what is written and writes the images an uninterrupted run would (the folder's manifest pins the
+        batch size; a folder made with other arguments or another model is refused). Under torchrun, rank r of W
+        samples batches r, r + W, ... into the same folder (on several nodes: a shared file system).
+    :param out_format: "png" (one file per image, named by its index) or "npz" (one shard per batch).
     :param cuda_graph: on a GPU, capture one step (network + reverse update) in a CUDA graph and replay it (ignored
         on the CPU). The model must be capturable: no host syncs, the same work every call.
     :param network_dtype: the network's precision: None = bf16 autocast on a GPU, float32 on the CPU;
         torch.float32, torch.bfloat16 or torch.float16 to choose (autocast; the state and the update stay float32).
-    :return: float32 (n, C, H, W) in [-1, 1] on `device`, or a SampleResult.
+    :return: float32 (n, C, H, W) in [-1, 1] on `device`, a SampleResult, or (with out=) the folder's Path.
     """
     n = _check_positive_int("n", n)
     if sampler not in SAMPLERS:
@@ -363,8 +371,9 @@ def sample(model, n: int, *, diffusion: Diffusion | None = None, sampler: str = 
     if isinstance(return_intermediates, bool) or not isinstance(return_intermediates, int) \
             or return_intermediates < 0:
         raise ValueError(f"return_intermediates must be an int >= 0 (0: none), got {return_intermediates!r}")
-    if out is not None:
-        raise NotImplementedError("out= (streaming to disk) is not implemented yet")
+    if out is not None and return_intermediates:
+        raise ValueError("return_intermediates keeps every recorded step of every image in memory; it cannot be "
+                         "combined with out= (streaming to disk)")
     if sampler == "ddpm" and eta != 0.0:
         raise ValueError("eta applies to sampler='ddim' only")
     if not callable(model):
@@ -390,34 +399,70 @@ def sample(model, n: int, *, diffusion: Diffusion | None = None, sampler: str = 
     steps_count = diffusion.num_timesteps
     recorded = _recorded_steps(steps_count, return_intermediates) if return_intermediates else []
     t_start = int(diffusion.timestep_map[-1]) + 1  # the counter of x_T: the original T
+    if out is not None and batch_size is None:
+        batch_size = _sample_store.recorded_batch_size(out)  # a resumed run keeps its aligned batches
     with eval_mode(model):
         # (in eval mode: the memory probe's model calls must not draw dropout; before the run's buffers exist)
-        batch_size = _batch_size(network, shape, device, n, batch_size, len(recorded))
-        images = torch.empty(n, *shape, dtype=torch.float32, device=device)
+        held = 0 if out is not None else n * (1 + 2 * len(recorded))  # the output and the recorded steps
+        batch_size = _batch_size(network, shape, device, n, batch_size, held)
+        store = None
+        if out is not None:
+            store = _sample_store.SampleStore(out, dict(
+                n=n, batch_size=batch_size, seed=seed, shape=list(shape), sampler=sampler, eta=eta,
+                network_dtype=str(dtype).removeprefix("torch."), model=_sample_store.model_hash(model),
+                diffusion=_sample_store.diffusion_hash(diffusion, clip_denoised)), out_format)
+            store.open()
         slot = {j: k for k, j in enumerate(recorded)}  # loop position -> index in the recorded tensors
         x_ts = torch.empty(len(recorded), n, *shape, dtype=torch.float32, device=device)
         x0_hats = torch.empty_like(x_ts)
         batches = -(-n // batch_size)
+        if store is None:
+            images = torch.empty(n, *shape, dtype=torch.float32, device=device)
+            todo = [(b, None) for b in range(batches)]
+        else:  # this rank's batches (whole, aligned), less the files already written
+            rank, world = _sample_store.shard()
+            todo = [(b, store.missing(b)) for b in range(rank, batches, world)]
+            todo = [(b, missing) for b, missing in todo if missing]
         # per batch, the first step whose output went non-finite (-1: none), kept on the device: read once at the end
+        # (streaming: before the batch is written)
         first_bad = torch.full((batches,), -1, dtype=torch.int64, device=device)
         engine = _Engine(diffusion, network, table, clip_denoised, seed, slot, device, cuda_graph)
-        with tqdm(total=batches * steps_count, desc="sampling", unit="step",
-                  disable=not progress) as bar, torch.inference_mode():
-            for b, start in enumerate(range(0, n, batch_size)):
-                stop = min(start + batch_size, n)
+        with tqdm(total=len(todo) * steps_count, desc="sampling", unit="step",
+                  disable=not progress) as bar, torch.inference_mode(), contextlib.ExitStack() as cleanup:
+            if store is not None:
+                cleanup.callback(store.close)  # an error or Ctrl-C still finishes the batch being written
+                mine = sum(min(batch_size, n - b * batch_size) for b in range(rank, batches, world))
+                written = cleanup.enter_context(tqdm(
+                    total=mine, initial=mine - sum(len(missing) for _, missing in todo), desc="images", unit="img",
+                    position=1, disable=not progress))
+            for b, missing in todo:
+                start, stop = b * batch_size, min((b + 1) * batch_size, n)
                 index = torch.arange(start, stop, device=device)
                 x = philox.randn(index, torch.full_like(index, t_start), shape, seed=seed, stream=philox.STREAM_X_T)
                 if x.dim() == 4:
                     x = x.contiguous(memory_format=layout)
                 x = engine.run(_Batch(x, index, first_bad[b], x_ts[:, start:stop], x0_hats[:, start:stop]), bar)
-                images[start:stop] = x.clamp(-1.0, 1.0)
-        for b, step in enumerate(first_bad.tolist()):  # the one sync of the run
-            if step >= 0:
-                start, stop = b * batch_size, min((b + 1) * batch_size, n)
-                raise FloatingPointError(
-                    f"sampling produced NaN/inf in the reverse step from t={step} (code index; paper t={step + 1}) "
-                    f"for images {start}..{stop - 1}; check the model's output at that timestep")
+                if store is None:
+                    images[start:stop] = x.clamp(-1.0, 1.0)
+                else:
+                    _check_finite(first_bad[b:b + 1], b, batch_size, n)
+                    store.write(b, to_uint8(x), missing)
+                    written.update(len(missing))
+        _check_finite(first_bad, 0, batch_size, n)  # the one sync of an in-memory run
+    if store is not None:
+        return store.path
     if not return_intermediates:
         return images
     paper_t = tuple(int(diffusion.timestep_map[steps_count - 1 - j]) + 1 for j in recorded)
     return SampleResult(images, paper_t, x_ts, x0_hats)
+
+
+def _check_finite(first_bad: torch.Tensor, first_batch: int, batch_size: int, n: int) -> None:
+    """Raise for the first of these batches whose reverse process went non-finite (first_bad[k]: the code step, or
+    -1); the batches are first_batch, first_batch + 1, ..."""
+    for k, step in enumerate(first_bad.tolist()):
+        if step >= 0:
+            start = (first_batch + k) * batch_size
+            raise FloatingPointError(
+                f"sampling produced NaN/inf in the reverse step from t={step} (code index; paper t={step + 1}) "
+                f"for images {start}..{min(start + batch_size, n) - 1}; check the model's output at that timestep")
