@@ -97,8 +97,10 @@ class SampleStore:
                 os.link(tmp, manifest)
             except FileExistsError:
                 pass  # another rank's, read below
+            except OSError:  # a file system without hard links: a rename (racing ranks write the same text)
+                os.replace(tmp, manifest)
             finally:
-                tmp.unlink()
+                tmp.unlink(missing_ok=True)
         try:
             found = json.loads(manifest.read_text())
         except (OSError, ValueError) as error:
