@@ -3,6 +3,7 @@ from ddpm_fast.ops._registry import check_required as _check_required
 
 _check_required()  # $DDPM_FAST_REQUIRE=cpp,triton: a missing backend is an import error
 
+from ddpm_fast.bundled import pretrained  # noqa: E402
 from ddpm_fast.checkpoint import load  # noqa: E402
 from ddpm_fast.diffusion import Diffusion, NLLResult  # noqa: E402
 from ddpm_fast.evaluation import InceptionStats, NLLReport, RateDistortion, fid, interpolate, nll, rate_distortion  # noqa: E402
@@ -14,6 +15,6 @@ from ddpm_fast.unet import UNet  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = ["Diffusion", "NLLResult", "UNet", "sample", "SampleResult", "train", "Trainer", "TrainConfig", "load",
-           "nll", "NLLReport", "rate_distortion", "RateDistortion", "interpolate",
+           "pretrained", "nll", "NLLReport", "rate_distortion", "RateDistortion", "interpolate",
            "fid", "InceptionStats",
            "backends", "to_uint8", "make_grid", "save_grid"]

@@ -23,6 +23,9 @@ PRESETS = {
     # the paper's CIFAR-10 network: 35.7M parameters
     "cifar10": dict(in_channels=3, image_size=32, ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2,
                     attn_resolutions=(16,), dropout=0.1, num_groups=32),
+    # the bundled default's network (ddpm_fast/bundled.py): 8x8 grey digits, 1.0M parameters (4 MB)
+    "digits": dict(in_channels=1, image_size=8, ch=32, ch_mult=(1, 2), num_res_blocks=2, attn_resolutions=(4,),
+                   dropout=0.1, num_groups=8),
     # a 1x16x16 network for CPU demos, tests and benchmarks
     "small": dict(in_channels=1, image_size=16, ch=32, ch_mult=(1, 2, 2), num_res_blocks=2,
                   attn_resolutions=(8,), dropout=0.1, num_groups=8),

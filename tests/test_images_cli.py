@@ -1,8 +1,4 @@
-"""uint8 conversion, PNG grids, and the command line."""
-import os
-import subprocess
-import sys
-
+"""uint8 conversion and PNG grids (the command line: test_cli.py)."""
 import numpy as np
 import pytest
 import torch
@@ -33,33 +29,3 @@ def test_grid_png_holds_every_image(tmp_path, channels):
         expected = pixels[i].permute(1, 2, 0).numpy()
         assert np.array_equal(tile.reshape(expected.shape), expected)
     assert not list(tmp_path.glob("sub/.*tmp"))
-
-
-def cli(*args):
-    env = {k: v for k, v in os.environ.items() if k != "DDPM_FAST_REQUIRE"}
-    return subprocess.run([sys.executable, "-m", "ddpm_fast", *args], capture_output=True, text=True, env=env,
-                          cwd=os.path.expanduser("~"))
-
-
-def test_cli_sample_writes_a_grid(tmp_path):
-    done = cli("sample", "-n", "4", "--steps", "3", "-o", str(tmp_path / "s.png"), "--quiet")
-    assert done.returncode == 0, done.stderr
-    assert "wrote 4 samples" in done.stdout
-    assert Image.open(tmp_path / "s.png").size == (2 + 2 * 18, 2 + 2 * 18)
-
-
-def test_cli_reports_bad_arguments_in_one_line(tmp_path):
-    for args, message in [(["-n", "0"], "n must be a positive int"),
-                          (["--weights", str(tmp_path / "missing.pt")], "No such file"),
-                          (["--steps", "5000"], "steps must be an int in [1, 1000]")]:
-        done = cli("sample", "-o", str(tmp_path / "x.png"), "--quiet", *args)
-        assert done.returncode == 2
-        assert message in done.stderr and "Traceback" not in done.stderr
-        assert len(done.stderr.strip().splitlines()) == 1
-
-
-def test_cli_info_lists_the_backends():
-    done = cli("info")
-    assert done.returncode == 0
-    for name in ("reference", "cpp", "triton"):
-        assert name in done.stdout
