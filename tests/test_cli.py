@@ -11,19 +11,14 @@ import pytest
 import torch
 from PIL import Image
 
-from ddpm_fast import Diffusion, UNet, bundled, checkpoint, cli
+from ddpm_fast import bundled, checkpoint, cli
 from ddpm_fast.sample_store import read_samples
+from helpers import random_tiny_unet
 
 
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory):
-    torch.manual_seed(0)
-    model = UNet(in_channels=1, image_size=8, ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,),
-                 dropout=0.0, num_groups=4, diffusion=Diffusion(timesteps=20))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.2)
-    return str(checkpoint.save(tmp_path_factory.mktemp("ckpt") / "tiny", model))
+    return str(checkpoint.save(tmp_path_factory.mktemp("ckpt") / "tiny", random_tiny_unet()))
 
 
 def run(capsys, *args):

@@ -11,6 +11,7 @@ from PIL import Image
 import ddpm_fast
 from ddpm_fast import Diffusion, UNet
 from ddpm_fast.ops import philox
+from helpers import random_tiny_unet
 
 T = 1000
 STRIPE_STEPS = 200  # training steps of the toy DDPM for the quality ranking
@@ -74,13 +75,7 @@ def test_the_bound_of_the_exact_linear_model_is_the_closed_form_and_above_the_en
 
 
 def toy_model():
-    torch.manual_seed(0)
-    model = UNet(in_channels=1, image_size=8, ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,),
-                 dropout=0.0, num_groups=4, diffusion=Diffusion(timesteps=20))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.1)
-    return model.eval()
+    return random_tiny_unet(std=0.1)
 
 
 def test_rate_distortion_follows_its_own_terms(tmp_path):

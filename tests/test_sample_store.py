@@ -2,7 +2,6 @@
 started again writes what an uninterrupted run writes, and rewrites nothing; two processes under torchrun write what
 one writes; a folder from other arguments is refused."""
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -13,21 +12,16 @@ import pytest
 import torch
 
 import ddpm_fast
-from ddpm_fast import Diffusion, UNet
+from ddpm_fast import Diffusion
 from ddpm_fast.data import load_images
 from ddpm_fast.sample_store import read_samples
+from helpers import random_tiny_unet, run_torchrun
 
 N, BATCH = 10, 4  # three aligned batches, the last one short
 
 
 def tiny(seed=0, timesteps=10):
-    torch.manual_seed(seed)
-    model = UNet(in_channels=3, image_size=8, ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,),
-                 dropout=0.0, num_groups=4, diffusion=Diffusion(timesteps=timesteps))
-    with torch.no_grad():  # every parameter random: a fresh U-Net's zero output conv would make every image alike
-        for p in model.parameters():
-            p.normal_(0, 0.2)
-    return model.eval()
+    return random_tiny_unet(channels=3, timesteps=timesteps, seed=seed)
 
 
 def files(folder) -> dict[str, tuple[int, int]]:
@@ -114,10 +108,7 @@ def test_two_processes_under_torchrun_write_what_one_writes(tmp_path):
     """Ranks take whole aligned batches (rank 0: 0 and 2, rank 1: 1) and write into one folder; one manifest."""
     script = tmp_path / "run.py"
     script.write_text(TORCHRUN_SCRIPT.format(tests=str(Path(__file__).parent), out=str(tmp_path / "two")))
-    torchrun = Path(sys.executable).parent / "torchrun"
-    result = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", str(script)],
-                            capture_output=True, text=True, timeout=300, cwd=tmp_path,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    result = run_torchrun(script, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     one = ddpm_fast.sample(tiny(), N, batch_size=BATCH, seed=3, out=tmp_path / "one", progress=False)
     assert torch.equal(read_samples(tmp_path / "two"), read_samples(one))

@@ -4,7 +4,6 @@ import copy
 import csv
 import json
 import math
-import os
 import signal
 import subprocess
 import sys
@@ -17,6 +16,7 @@ import torch
 import ddpm_fast
 from ddpm_fast import Diffusion, UNet
 from ddpm_fast.training import TrainConfig, data_positions
+from helpers import run_torchrun
 
 DATA = torch.randint(0, 256, (40, 1, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
 SETTINGS = dict(batch_size=8, warmup=2, log_every=1, checkpoint_every=3, progress=False)
@@ -133,10 +133,7 @@ def test_two_processes_under_torchrun_equal_one(tmp_path):
     one = ddpm_fast.train(tiny(), DATA, steps=4, **SETTINGS)
     script = tmp_path / "run.py"
     script.write_text(TORCHRUN_SCRIPT.format(tests=str(Path(__file__).parent), out=str(tmp_path / "two")))
-    torchrun = Path(sys.executable).parent / "torchrun"
-    result = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", str(script)],
-                            capture_output=True, text=True, timeout=300, cwd=tmp_path,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    result = run_torchrun(script, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     two = torch.load(tmp_path / "two" / "final.pt")
     moved = max((one.model.state_dict()[k] - tiny().state_dict()[k]).abs().max() for k in two)
