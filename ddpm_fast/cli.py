@@ -9,6 +9,7 @@ A bad argument or a missing file is one line on stderr (exit status 2), not a tr
 from __future__ import annotations
 
 import argparse
+import contextlib
 import platform
 import sys
 import time
@@ -26,7 +27,6 @@ def _model(spec: str, device):
     from ddpm_fast import bundled, checkpoint
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-
     if spec in bundled.MODELS:
         return bundled.pretrained(spec, device=device)
     if not Path(spec).exists():
@@ -118,6 +118,8 @@ def _interpolate(args) -> None:
     pairs = args.pairs
     if len(images) < 2 * pairs:
         raise ValueError(f"--pairs {pairs} needs {2 * pairs} images; the data have {len(images)}")
+    if args.lambdas < 2:
+        raise ValueError(f"--lambdas must be at least 2 (0 and 1, the two encodings), got {args.lambdas}")
     x = to_model_range(images[:2 * pairs])
     lambdas = tuple(i / (args.lambdas - 1) for i in range(args.lambdas))
     ddpm_fast.interpolate(model, x[:pairs], x[pairs:], t=args.t, lambdas=lambdas, seed=args.seed, out=args.output,
@@ -175,7 +177,7 @@ def _bench(args) -> None:
                "(median)")
     timings = {}
     for name in ["default"] + [b for b in backends if b != "default"]:
-        context = use_backend(name) if name != "default" else _nothing()
+        context = use_backend(name) if name != "default" else contextlib.nullcontext()
         try:
             with context:
                 ddpm_fast.sample(model, args.n, steps=args.steps, progress=False)  # warm-up
@@ -199,14 +201,6 @@ def _bench(args) -> None:
               f"steps{ratio}")
     print("  (the full benchmarks, against eager PyTorch and torch.compile: pytest bench/ --benchmark-only, "
           "from a source checkout)")
-
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _export(args) -> None:

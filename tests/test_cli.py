@@ -100,6 +100,8 @@ def test_bench_and_info(tiny_checkpoint, capsys):
     (["train", "--data", "digits"], "the following arguments are required: --out"),
     (["interpolate", "--pairs", "1000"], "needs 2000 images; the data have 299"),
     (["quality", "--data", "cifar-10-batches-py"], "quality needs labelled training images"),
+    (["interpolate", "--lambdas", "1"], "--lambdas must be at least 2"),
+    (["nll", "--data", "digits:test"], "split must be one of train, held_out, all"),
 ])
 def test_a_bad_argument_is_one_line(args, message, tmp_path, capsys):
     try:
