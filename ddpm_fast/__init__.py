@@ -6,7 +6,8 @@ _check_required()  # $DDPM_FAST_REQUIRE=cpp,triton: a missing backend is an impo
 from ddpm_fast.bundled import pretrained  # noqa: E402
 from ddpm_fast.checkpoint import load  # noqa: E402
 from ddpm_fast.diffusion import Diffusion, NLLResult  # noqa: E402
-from ddpm_fast.evaluation import InceptionStats, NLLReport, RateDistortion, fid, interpolate, nll, rate_distortion  # noqa: E402
+from ddpm_fast.evaluation import (InceptionStats, NLLReport, RateDistortion, fid, interpolate, nll,  # noqa: E402
+                                  rate_distortion)
 from ddpm_fast.images import make_grid, save_grid, to_uint8  # noqa: E402
 from ddpm_fast.ops import backends  # noqa: E402
 from ddpm_fast.sampling import SampleResult, sample  # noqa: E402

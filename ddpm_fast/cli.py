@@ -334,7 +334,7 @@ def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     try:
         args.handler(args)
-    except (ValueError, FileNotFoundError, NotImplementedError, FloatingPointError, MemoryError, OSError) as error:
+    except (ValueError, NotImplementedError, FloatingPointError, MemoryError, OSError) as error:
         print(f"ddpm-fast {args.command}: error: {str(error).splitlines()[0] if str(error) else type(error).__name__}",
               file=sys.stderr)
         return 2

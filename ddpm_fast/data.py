@@ -32,7 +32,8 @@ def load_images(source, *, image_size: int | None = None, progress: bool = True)
     :param source: a uint8 array or tensor ((N, C, H, W), (N, H, W, C) with C in 1, 3, 4 (read as (N, C, H, W)
         where both fit), or (N, H, W)); or a
         path: a folder of PNG/JPEG images (searched recursively), a folder of CIFAR-10's python batches
-        (data_batch_1..5), a finished folder of sample(out=) (PNG or .npz shards), or an .npz file (its array named x, images or arr_0, or its only array).
+        (data_batch_1..5), a finished folder of sample(out=) (PNG or .npz shards), or an .npz file (its array
+        named x, images or arr_0, or its only array).
     :param image_size: for a folder: centre-crop each image to a square and resize it to this size (Lanczos).
         Without it every image must have the same size.
     """

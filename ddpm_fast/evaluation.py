@@ -22,7 +22,7 @@ from ddpm_fast.data import load_images, to_model_range
 from ddpm_fast.diffusion import Diffusion
 from ddpm_fast.inception import FIDInception
 from ddpm_fast.ops import philox
-from ddpm_fast.sampling import _model_device, _resolve_diffusion, eval_mode
+from ddpm_fast.sampling import _check_positive_int, _model_device, _resolve_diffusion, eval_mode
 
 
 @dataclass
@@ -66,8 +66,7 @@ def nll(model, data, *, diffusion: Diffusion | None = None, batch_size: int = 64
     images = load_images(data, progress=progress)
     if limit is not None:
         images = images[:limit]
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    _check_positive_int("batch_size", batch_size)
     totals, priors, terms, mse = [], [], [], []
     with eval_mode(model), tqdm(total=len(images) * diffusion.num_timesteps, desc="bound", unit="term",
                                 disable=not progress) as bar:
@@ -189,7 +188,6 @@ def interpolate(model, x0: torch.Tensor, x0_prime: torch.Tensor, *, t: int = 500
         rows = torch.cat([x0[:, None], decoded, x0_prime[:, None]], dim=1)
         _images.save_grid(rows.reshape(-1, *x0.shape[1:]).cpu(), out, nrow=count + 2)
     return decoded
-
 
 
 # ---------------------------------------------------------------------------------------------- sample quality
@@ -371,8 +369,7 @@ def inception_stats(images, *, weights=None, batch_size: int = 50, device=None,
     :param weights: the FID Inception's weight file (see inception.find_weights), or an FIDInception.
     :param device: default: CUDA if there is one. Convolutions run in float32 (TF32 off: the numbers are TF's).
     """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    _check_positive_int("batch_size", batch_size)
     pixels = _fid_pixels(images)
     if len(pixels) < 2:
         raise ValueError(f"FID statistics need at least 2 images, got {len(pixels)}")

@@ -448,9 +448,9 @@ def sample(model, n: int, *, diffusion: Diffusion | None = None, sampler: str = 
                     _check_finite(first_bad[b:b + 1], b, batch_size, n)
                     store.write(b, to_uint8(x), missing)
                     written.update(len(missing))
-        _check_finite(first_bad, 0, batch_size, n)  # the one sync of an in-memory run
-    if store is not None:
+    if store is not None:  # (each batch was checked before it was written)
         return store.path
+    _check_finite(first_bad, 0, batch_size, n)  # the one sync of an in-memory run
     if not return_intermediates:
         return images
     paper_t = tuple(int(diffusion.timestep_map[steps_count - 1 - j]) + 1 for j in recorded)
