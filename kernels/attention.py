@@ -11,7 +11,7 @@ with the C x C weights (g = M h + m, y = x + b + N o and their gradients) are to
 GroupNorm is kernels/group_norm.py's.
 
 float32 tiles go through tl.dot at its default precision: tf32 on a GPU (results within ~1e-3 of float32), exact under
-the CPU interpreter. Head width (C) up to 512.
+the CPU interpreter. Head width (C) up to 512 (launch_config).
 """
 import os
 
@@ -23,23 +23,35 @@ from ddpm_fast.kernels import group_norm as group_norm_kernels
 from ddpm_fast.kernels.layout import acc_dtype
 
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-_NUM_WARPS = 4
+# Launch configurations per kernel and head width (BLOCK_D = C rounded up to a power of two, at least 16 for tl.dot),
+# chosen from the sm_90 compile check (tests/sm90_jit.py prints registers, spills and shared memory): float32 tiles
+# of (BLOCK_M or BLOCK_N) x BLOCK_D accumulate in registers and the dot operands stage through shared memory, so
+# wider heads take fewer rows per tile, 8 warps and fewer pipeline stages. Measured under Triton 3.9 for sm_90
+# (registers / spill bytes / shared KB): C = 256: forward 140 / 0 / 80, backward-query 170 / 0 / 112, backward-key
+# 212 / 0 / 80 (was 64 x 32 tiles, 4 warps, 3 stages: 255 registers, stack frames of 96 / 640 / 984 B of spills,
+# 128-193 KB of shared memory); C = 512 fits, its key kernel spills (~150 B stored per thread; no tile without spills
+# was found: its 16 x 512 key tile alone fills the registers).
+#   (BLOCK_D at most) -> {kernel: (BLOCK_M, BLOCK_N, num_warps, num_stages)}
+_CONFIGS = {
+    64: {"forward": (64, 64, 4, 3), "backward_query": (64, 64, 4, 3), "backward_key": (64, 64, 4, 3)},
+    128: {"forward": (64, 64, 8, 2), "backward_query": (32, 64, 4, 2), "backward_key": (64, 32, 8, 2)},
+    256: {"forward": (32, 32, 8, 2), "backward_query": (32, 32, 8, 2), "backward_key": (16, 32, 8, 1)},
+    512: {"forward": (16, 32, 8, 2), "backward_query": (16, 16, 8, 2), "backward_key": (16, 16, 8, 1)},
+}
+MAX_CHANNELS = 512
 
 
-def blocks(channels: int, backward: bool = False) -> tuple[int, int, int]:
-    """(BLOCK_M queries, BLOCK_N keys, BLOCK_D channels) of a launch: the channel block holds all C (a power of two,
-    at least 16 for tl.dot); wider heads take smaller query and key blocks so that the accumulators (BLOCK_M or
-    BLOCK_N rows of BLOCK_D float32) stay in registers and the tiles in shared memory (the backward's key kernel at
-    C = 512 needs 263 KB with 32 queries per step, over sm_90's 227 KB: 16 there). The interpreter pays per block
-    step: 16 there."""
+def launch_config(channels: int, kernel: str) -> dict:
+    """BLOCK_M (queries), BLOCK_N (keys), BLOCK_D (channels), num_warps, num_stages of `kernel` ("forward",
+    "backward_query", "backward_key") for heads of `channels`. The interpreter pays per block step: 16 x 16 there."""
+    if channels > MAX_CHANNELS:
+        raise ValueError(f"the Triton attention kernels take heads of at most {MAX_CHANNELS} channels, got {channels}")
     block_d = max(16, triton.next_power_of_2(channels))
     if _INTERPRETED:
-        return 16, 16, block_d
-    if block_d <= 128:
-        return 64, 64, block_d
-    if block_d <= 256:
-        return 64, 32, block_d
-    return (16 if backward else 32), 32, block_d
+        return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_D=block_d)
+    widest = min(width for width in _CONFIGS if width >= block_d)
+    block_m, block_n, warps, stages = _CONFIGS[widest][kernel]
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps, num_stages=stages)
 
 
 @triton.jit
@@ -172,9 +184,9 @@ def attention_block(x, norm_weight, norm_bias, score_weight, score_bias, out_wei
     o_t = torch.empty(n, tokens, c, dtype=acc, device=x.device)
     lse = torch.empty(n, tokens, dtype=acc, device=x.device)
     if n * tokens > 0:
-        block_m, block_n, block_d = blocks(c)
-        torch.library.wrap_triton(_attention_forward_kernel)[(triton.cdiv(tokens, block_m), n)](
-            g, h, o_t, lse, c, tokens, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=_NUM_WARPS)
+        config = launch_config(c, "forward")
+        torch.library.wrap_triton(_attention_forward_kernel)[(triton.cdiv(tokens, config["BLOCK_M"]), n)](
+            g, h, o_t, lse, c, tokens, **config)
     y = xa.view(n, c, tokens) + out_bias.to(acc).view(1, c, 1)
     y.baddbmm_(out_weight.to(acc).expand(n, c, c), o_t.transpose(1, 2))
     return y.view(x.shape).to(x.dtype), h, g, o_t, lse, shift, rstd
@@ -196,12 +208,11 @@ def attention_block_backward(grad_y, x, norm_weight, norm_bias, score_weight, sc
     dg_t = torch.empty(n, tokens, c, dtype=acc, device=x.device)
     dh_t = torch.empty_like(dg_t)
     if n * tokens > 0:
-        block_m, block_n, block_d = blocks(c, backward=True)
-        common = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=_NUM_WARPS)
-        torch.library.wrap_triton(_attention_backward_query_kernel)[(triton.cdiv(tokens, block_m), n)](
-            g, h, do_t, lse, delta, dg_t, c, tokens, **common)
-        torch.library.wrap_triton(_attention_backward_key_kernel)[(triton.cdiv(tokens, block_n), n)](
-            g, h, do_t, lse, delta, dh_t, c, tokens, **common)
+        query, key = launch_config(c, "backward_query"), launch_config(c, "backward_key")
+        torch.library.wrap_triton(_attention_backward_query_kernel)[(triton.cdiv(tokens, query["BLOCK_M"]), n)](
+            g, h, do_t, lse, delta, dg_t, c, tokens, **query)
+        torch.library.wrap_triton(_attention_backward_key_kernel)[(triton.cdiv(tokens, key["BLOCK_N"]), n)](
+            g, h, do_t, lse, delta, dh_t, c, tokens, **key)
     # through g = M h + m, then h = GN(x) and the residual
     dh = dh_t.transpose(1, 2) + torch.matmul(score_weight.to(acc).t(), dg_t.transpose(1, 2))
     d_score_weight = torch.einsum("nlc,ndl->cd", dg_t, h)  # sum over samples of dg h^T

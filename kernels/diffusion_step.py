@@ -100,7 +100,7 @@ def _q_sample_philox_kernel(
     e = start + tl.arange(0, BLOCK)
     mask = e < numel
     z = _normals(seed, start // 4, tl.load(sample_index_ptr + b).to(tl.uint32),
-                 tl.load(counter2_ptr + b).to(tl.uint32), c3.to(tl.uint32), BLOCK)
+                 tl.load(counter2_ptr + b).to(tl.uint32), tl.cast(c3, tl.uint32), BLOCK)
     row, valid = _row(coef_ptr, t_ptr + b, timesteps, 2)
     sqrt_abar, sqrt_one_minus_abar = tl.load(row), tl.load(row + 1)
     off = _element_offset(b, e, spatial, stride_b, stride_c, stride_s, CONTIGUOUS)
@@ -184,7 +184,7 @@ def _reverse_step_kernel(
     mean = coef_x0 * x0 + coef_xt * x
     if (t != 0) & (sigma != 0):  # the last step, and DDIM with eta = 0, draw no noise
         z = _normals(seed, start // 4, tl.load(sample_index_ptr + b).to(tl.uint32),
-                     tl.load(counter2_ptr + b).to(tl.uint32), c3.to(tl.uint32), BLOCK)
+                     tl.load(counter2_ptr + b).to(tl.uint32), tl.cast(c3, tl.uint32), BLOCK)
         mean = mean + sigma * z.to(x.dtype)
     tl.store(x_prev_ptr + off, tl.where(valid, mean, float("nan")), mask=mask)
     if WRITE_X0:
@@ -210,7 +210,8 @@ def q_sample(x0: torch.Tensor, t: torch.Tensor, coef: torch.Tensor, noise: torch
         numel = x0.numel() // x0.shape[0]
         block = _block(numel)
         torch.library.wrap_triton(_q_sample_kernel)[_grid(x0.shape[0], numel, block)](
-            x0, noise, t.contiguous(), coef.contiguous(), x_t, coef.shape[0], numel, BLOCK=block, num_warps=_NUM_WARPS)
+            x0, noise, t.contiguous(), coef.contiguous(), x_t, coef.shape[0], numel, BLOCK=block,
+            num_warps=_NUM_WARPS)
     return x_t
 
 
@@ -277,6 +278,6 @@ def reverse_step(x_t: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, coef: to
         block = _block(numel)
         torch.library.wrap_triton(_reverse_step_kernel)[_grid(x_t.shape[0], numel, block)](
             x_t, eps, t.contiguous(), coef.contiguous(), sample_index.contiguous(), counter2.contiguous(), x_prev,
-            x0_hat if write_x0 else x_prev, coef.shape[0], seed, c3, numel, spatial, stride_b, stride_c, stride_s, CLIP=clip,
-            WRITE_X0=write_x0, CONTIGUOUS=x_t.is_contiguous(), BLOCK=block, num_warps=_NUM_WARPS)
+            x0_hat if write_x0 else x_prev, coef.shape[0], seed, c3, numel, spatial, stride_b, stride_c, stride_s,
+            CLIP=clip, WRITE_X0=write_x0, CONTIGUOUS=x_t.is_contiguous(), BLOCK=block, num_warps=_NUM_WARPS)
     return x_prev, x0_hat

@@ -40,7 +40,7 @@ def _dropout_factor(n, c, s, spatial, sample_index_ptr, counter2_ptr, seed, c3, 
     q = (e // 4).to(tl.uint32)
     zero = tl.zeros_like(q)
     r0, r1, r2, r3 = tl.philox(seed, q, zero + tl.load(sample_index_ptr + n).to(tl.uint32),
-                               zero + tl.load(counter2_ptr + n).to(tl.uint32), zero + c3.to(tl.uint32))
+                               zero + tl.load(counter2_ptr + n).to(tl.uint32), zero + tl.cast(c3, tl.uint32))
     lane = e % 4
     word = tl.where(lane == 0, r0, tl.where(lane == 1, r1, tl.where(lane == 2, r2, r3)))
     return tl.where(tl.random.uint_to_uniform_float(word) >= p, scale, 0.0)

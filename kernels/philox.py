@@ -52,7 +52,7 @@ def _philox_normal_kernel(
     c0 = q.to(tl.uint32)
     c1 = zero + tl.load(sample_index_ptr + b).to(tl.uint32)
     c2 = zero + tl.load(counter2_ptr + b).to(tl.uint32)
-    r0, r1, r2, r3 = tl.philox(seed, c0, c1, c2, zero + c3.to(tl.uint32))
+    r0, r1, r2, r3 = tl.philox(seed, c0, c1, c2, zero + tl.cast(c3, tl.uint32))
     n0, n1 = tl.random.pair_uniform_to_normal(tl.random.uint_to_uniform_float(r0),
                                               tl.random.uint_to_uniform_float(r1))
     n2, n3 = tl.random.pair_uniform_to_normal(tl.random.uint_to_uniform_float(r2),

@@ -64,6 +64,27 @@ def test_fused_equals_the_paper_block(backend, shape, groups, dtype):
         assert relative_error(got, want) < bound, (name, relative_error(got, want))
 
 
+@pytest.mark.parametrize("channels,side", [(64, 9), (128, 9), (256, 7), (512, 5)])
+def test_triton_gpu_tiles_equal_the_paper_block(monkeypatch, channels, side):
+    """The GPU's launch configurations (tiles of 16-64 queries and keys per head width, as launch_config gives them
+    on a GPU), run by the interpreter: more than one query and key block wherever the tile allows."""
+    from ddpm_fast.kernels import attention as kernels
+    if not kernels._INTERPRETED:
+        pytest.skip("the interpreter runs these tiles; on a GPU the other tests run them")
+    monkeypatch.setattr(kernels, "_INTERPRETED", False)
+    assert any(max(kernels.launch_config(channels, k)["BLOCK_M"], kernels.launch_config(channels, k)["BLOCK_N"]) > 16
+               for k in ("forward", "backward_query", "backward_key"))
+    shape = (2, channels, side, side)
+    tensors = inputs(shape, 3)
+    grad_y = torch.randn(shape, generator=torch.Generator().manual_seed(4))
+    y_true, grads_true = run(tensors, 32, torch.float64, "reference", grad_y)
+    y, grads = run(tensors, 32, torch.float32, "triton", grad_y)
+    assert relative_error(y, y_true) < 1e-5
+    for name, got, want in zip(NAMES, grads, grads_true):
+        if name != "qkv_bias":  # (its key part is zero in exact arithmetic: see above)
+            assert relative_error(got, want) < 1e-4, name
+
+
 @pytest.mark.parametrize("backend", FUSED)
 def test_gradcheck_float64(backend):
     tensors = [t.double().requires_grad_() for t in inputs((2, 4, 3, 3), 3)]
