@@ -401,7 +401,10 @@ def sample(model, n: int, *, diffusion: Diffusion | None = None, sampler: str = 
     t_start = int(diffusion.timestep_map[-1]) + 1  # the counter of x_T: the original T
     if out is not None and batch_size is None:
         batch_size = _sample_store.recorded_batch_size(out)  # a resumed run keeps its aligned batches
-    with eval_mode(model):
+    # on a GPU, the device's own current stream: the CUDA graph is captured and replayed there, and the streams,
+    # events and Triton launches of the run (which follow the current device) are the model's (cuda:1 too)
+    on_device = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+    with on_device, eval_mode(model):
         # (in eval mode: the memory probe's model calls must not draw dropout; before the run's buffers exist)
         held = 0 if out is not None else n * (1 + 2 * len(recorded))  # the output and the recorded steps
         batch_size = _batch_size(network, shape, device, n, batch_size, held)

@@ -9,6 +9,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ddpm_fast.kernels.layout import device_of
+
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 # Counters per program: the interpreter pays ~1 ms per program, a GPU wants many small ones.
 _MAX_BLOCK = 16384 if _INTERPRETED else 1024
@@ -76,7 +78,8 @@ def philox(counter: torch.Tensor, seed: int) -> torch.Tensor:
     n = counter.shape[0]
     if n:
         block = min(_MAX_BLOCK, triton.next_power_of_2(n))
-        torch.library.wrap_triton(_philox_kernel)[(triton.cdiv(n, block),)](counter, words, n, seed, BLOCK=block)
+        with device_of(counter):
+            torch.library.wrap_triton(_philox_kernel)[(triton.cdiv(n, block),)](counter, words, n, seed, BLOCK=block)
     return words
 
 
@@ -91,6 +94,7 @@ def philox_normal(sample_index: torch.Tensor, counter2: torch.Tensor, seed: int,
     quads = (numel + 3) // 4
     block = min(_MAX_BLOCK, triton.next_power_of_2(quads))
     if batch:
-        torch.library.wrap_triton(_philox_normal_kernel)[(batch, triton.cdiv(quads, block))](
-            out, sample_index.contiguous(), counter2.contiguous(), seed, c3, numel, BLOCK=block)
+        with device_of(sample_index):
+            torch.library.wrap_triton(_philox_normal_kernel)[(batch, triton.cdiv(quads, block))](
+                out, sample_index.contiguous(), counter2.contiguous(), seed, c3, numel, BLOCK=block)
     return out
