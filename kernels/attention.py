@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ddpm_fast.kernels import group_norm as group_norm_kernels
+from ddpm_fast.kernels import group_norm as group_norm_kernels, wrap_triton
 from ddpm_fast.kernels.layout import acc_dtype, device_of
 
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -186,7 +186,7 @@ def attention_block(x, norm_weight, norm_bias, score_weight, score_bias, out_wei
     if n * tokens > 0:
         config = launch_config(c, "forward")
         with device_of(x):
-            torch.library.wrap_triton(_attention_forward_kernel)[(triton.cdiv(tokens, config["BLOCK_M"]), n)](
+            wrap_triton(_attention_forward_kernel)[(triton.cdiv(tokens, config["BLOCK_M"]), n)](
                 g, h, o_t, lse, c, tokens, **config)
     y = xa.view(n, c, tokens) + out_bias.to(acc).view(1, c, 1)
     y.baddbmm_(out_weight.to(acc).expand(n, c, c), o_t.transpose(1, 2))
@@ -211,9 +211,9 @@ def attention_block_backward(grad_y, x, norm_weight, norm_bias, score_weight, sc
     if n * tokens > 0:
         query, key = launch_config(c, "backward_query"), launch_config(c, "backward_key")
         with device_of(x):
-            torch.library.wrap_triton(_attention_backward_query_kernel)[(triton.cdiv(tokens, query["BLOCK_M"]), n)](
+            wrap_triton(_attention_backward_query_kernel)[(triton.cdiv(tokens, query["BLOCK_M"]), n)](
                 g, h, do_t, lse, delta, dg_t, c, tokens, **query)
-            torch.library.wrap_triton(_attention_backward_key_kernel)[(triton.cdiv(tokens, key["BLOCK_N"]), n)](
+            wrap_triton(_attention_backward_key_kernel)[(triton.cdiv(tokens, key["BLOCK_N"]), n)](
                 g, h, do_t, lse, delta, dh_t, c, tokens, **key)
     # through g = M h + m, then h = GN(x) and the residual
     dh = dh_t.transpose(1, 2) + torch.matmul(score_weight.to(acc).t(), dg_t.transpose(1, 2))

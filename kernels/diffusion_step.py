@@ -16,6 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ddpm_fast.kernels import wrap_triton
 from ddpm_fast.kernels.layout import acc_dtype as _acc, device_of, like, runnable, sample_layout as _layout
 
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -210,7 +211,7 @@ def q_sample(x0: torch.Tensor, t: torch.Tensor, coef: torch.Tensor, noise: torch
         numel = x0.numel() // x0.shape[0]
         block = _block(numel)
         with device_of(x0):
-            torch.library.wrap_triton(_q_sample_kernel)[_grid(x0.shape[0], numel, block)](
+            wrap_triton(_q_sample_kernel)[_grid(x0.shape[0], numel, block)](
                 x0, noise, t.contiguous(), coef.contiguous(), x_t, coef.shape[0], numel, BLOCK=block,
                 num_warps=_NUM_WARPS)
     return x_t
@@ -226,7 +227,7 @@ def q_sample_philox(x0: torch.Tensor, t: torch.Tensor, coef: torch.Tensor, sampl
         numel, spatial, stride_b, stride_c, stride_s = _layout(x0)
         block = _block(numel)
         with device_of(x0):
-            torch.library.wrap_triton(_q_sample_philox_kernel)[_grid(x0.shape[0], numel, block)](
+            wrap_triton(_q_sample_philox_kernel)[_grid(x0.shape[0], numel, block)](
                 x0, t.contiguous(), coef.contiguous(), sample_index.contiguous(), counter2.contiguous(), x_t, eps,
                 coef.shape[0], seed,
                 c3, numel, spatial, stride_b, stride_c, stride_s, CONTIGUOUS=x0.is_contiguous(), BLOCK=block,
@@ -248,7 +249,7 @@ def simple_loss(eps_pred: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
     grid = _grid(batch, numel, block)
     partial = torch.empty(grid, dtype=acc, device=eps_pred.device)
     with device_of(eps_pred):
-        torch.library.wrap_triton(_simple_loss_kernel)[grid](
+        wrap_triton(_simple_loss_kernel)[grid](
             eps_pred, eps, partial, numel, ACC=tl.float64 if acc == torch.float64 else tl.float32, BLOCK=block,
             num_warps=_NUM_WARPS)
     return partial.sum(dim=1) / numel
@@ -263,7 +264,7 @@ def simple_loss_backward(grad: torch.Tensor, eps_pred: torch.Tensor, eps: torch.
         numel = eps_pred.numel() // eps_pred.shape[0]
         block = _block(numel)
         with device_of(eps_pred):
-            torch.library.wrap_triton(_simple_loss_backward_kernel)[_grid(eps_pred.shape[0], numel, block)](
+            wrap_triton(_simple_loss_backward_kernel)[_grid(eps_pred.shape[0], numel, block)](
                 grad.contiguous(), eps_pred, eps, grad_pred, numel, BLOCK=block, num_warps=_NUM_WARPS)
     return grad_pred
 
@@ -281,7 +282,7 @@ def reverse_step(x_t: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, coef: to
         numel, spatial, stride_b, stride_c, stride_s = _layout(x_t)
         block = _block(numel)
         with device_of(x_t):
-            torch.library.wrap_triton(_reverse_step_kernel)[_grid(x_t.shape[0], numel, block)](
+            wrap_triton(_reverse_step_kernel)[_grid(x_t.shape[0], numel, block)](
                 x_t, eps, t.contiguous(), coef.contiguous(), sample_index.contiguous(), counter2.contiguous(), x_prev,
                 x0_hat if write_x0 else x_prev, coef.shape[0], seed, c3, numel, spatial, stride_b, stride_c, stride_s,
                 CLIP=clip, WRITE_X0=write_x0, CONTIGUOUS=x_t.is_contiguous(), BLOCK=block, num_warps=_NUM_WARPS)

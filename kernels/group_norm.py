@@ -16,6 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ddpm_fast.kernels import wrap_triton
 from ddpm_fast.kernels.layout import acc_dtype, device_of, is_channels_last, like, runnable
 
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -224,7 +225,7 @@ def group_norm_silu(x, weight, bias, add, num_groups: int, eps: float, act: bool
     if x.numel():
         spatial, flags = _common(x, num_groups, act, dropout, acc, add)
         with device_of(x):
-            torch.library.wrap_triton(_group_norm_forward_kernel)[(x.shape[0] * num_groups,)](
+            wrap_triton(_group_norm_forward_kernel)[(x.shape[0] * num_groups,)](
                 x, y, weight, bias, add if add is not None else weight, shift, rstd, sample_index.contiguous(),
                 counter2.contiguous(), x.shape[1], spatial, num_groups, eps, seed, c3, dropout, 1.0 / (1.0 - dropout),
                 **flags)
@@ -248,7 +249,7 @@ def group_norm_silu_backward(grad_y, x, weight, bias, add, shift, rstd, num_grou
     if x.numel():
         spatial, flags = _common(x, num_groups, act, dropout, acc, add)
         with device_of(x):
-            torch.library.wrap_triton(_group_norm_backward_kernel)[(x.shape[0] * num_groups,)](
+            wrap_triton(_group_norm_backward_kernel)[(x.shape[0] * num_groups,)](
                 dy, x, dx, weight, bias, add if add is not None else weight, shift.contiguous(), rstd.contiguous(),
                 sample_index.contiguous(), counter2.contiguous(), dw, db, dadd if add is not None else dw, x.shape[1],
                 spatial, num_groups, seed, c3, dropout, 1.0 / (1.0 - dropout), **flags)

@@ -9,6 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ddpm_fast.kernels import wrap_triton
 from ddpm_fast.kernels.layout import device_of
 
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -79,7 +80,7 @@ def philox(counter: torch.Tensor, seed: int) -> torch.Tensor:
     if n:
         block = min(_MAX_BLOCK, triton.next_power_of_2(n))
         with device_of(counter):
-            torch.library.wrap_triton(_philox_kernel)[(triton.cdiv(n, block),)](counter, words, n, seed, BLOCK=block)
+            wrap_triton(_philox_kernel)[(triton.cdiv(n, block),)](counter, words, n, seed, BLOCK=block)
     return words
 
 
@@ -95,6 +96,6 @@ def philox_normal(sample_index: torch.Tensor, counter2: torch.Tensor, seed: int,
     block = min(_MAX_BLOCK, triton.next_power_of_2(quads))
     if batch:
         with device_of(sample_index):
-            torch.library.wrap_triton(_philox_normal_kernel)[(batch, triton.cdiv(quads, block))](
+            wrap_triton(_philox_normal_kernel)[(batch, triton.cdiv(quads, block))](
                 out, sample_index.contiguous(), counter2.contiguous(), seed, c3, numel, BLOCK=block)
     return out

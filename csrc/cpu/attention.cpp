@@ -193,8 +193,8 @@ attention_block_backward_cpu(const at::Tensor& grad_y, const at::Tensor& x_in, c
   }
   const at::Tensor x = x_in.to(acc).contiguous();
   const at::Tensor dy = grad_y.to(acc).contiguous().view({n, c, tokens});
-  // through y = (x + b) + N o
-  const at::Tensor d_out_bias = dy.sum({0, 2});
+  // through y = (x + b) + N o (sums over IntArrayRef: torch 2.11's headers also overload sum on DimnameList)
+  const at::Tensor d_out_bias = dy.sum(at::IntArrayRef{0, 2});
   at::Tensor d_out_weight = at::zeros({c, c}, x.options());
   for (int64_t s = 0; s < n; ++s) d_out_weight.addmm_(dy[s], o_t[s]);  // dN = sum over samples of dy o^T
   const at::Tensor do_t = at::matmul(dy.transpose(1, 2), f.out_weight);  // (n, tokens, c): (N^T dy)^T
@@ -242,7 +242,7 @@ attention_block_backward_cpu(const at::Tensor& grad_y, const at::Tensor& x_in, c
   dh.baddbmm_(f.score_weight.t().expand({n, c, c}), dg_t.transpose(1, 2));
   at::Tensor d_score_weight = at::zeros({c, c}, x.options());
   for (int64_t s = 0; s < n; ++s) d_score_weight.addmm_(dg_t[s].t(), h[s].t());  // dM = sum of dg h^T
-  const at::Tensor d_score_bias = dg_t.sum({0, 1});
+  const at::Tensor d_score_bias = dg_t.sum(at::IntArrayRef{0, 1});
   // through h = GN(x), and the residual
   auto [dx, d_norm_weight, d_norm_bias] =
       group_norm_backward(dh.view(x.sizes()), x, f.norm_weight, f.norm_bias, shift, rstd, num_groups);
