@@ -17,7 +17,9 @@ import torch
 
 BACKENDS = ("reference", "cpp", "triton")
 
-# The fixed table, per device type, for ops that do not give their own (CUDA order follows the GPU benchmarks).
+# The fixed table, per device type, for ops that do not give their own. The CUDA order (Triton first) is provisional:
+# no GPU has run these kernels yet, so no benchmark chose it (bench/RESULTS.md has CPU numbers only; bench/gpu_check.sh
+# times both GPU backends).
 DEFAULT_ORDER = {"cpu": ("cpp", "reference"), "cuda": ("triton", "cpp", "reference")}
 
 _forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("ddpm_fast_backend", default=None)
