@@ -176,3 +176,29 @@ def bench_streaming(benchmark, tmp_path, out_format):
     role = "ours" if out_format is None else f"ours, streamed to {out_format}"
     group = _group(preset, "contiguous", **size).replace("sampler", "streaming") + f", batch {batch}"
     _time(benchmark, group, run, role, **size)
+
+
+def _trivial_model(x, t):
+    """An eps-model that costs one elementwise pass: what is left of a step is the sampler's own work."""
+    return 0.5 * x
+
+
+@pytest.mark.parametrize("role", ["eager", "ours"])
+def bench_trivial_model_loop(benchmark, role):
+    """The paper's 1000-step loop at 64x3x32x32 with a trivial eps-model: the sampler's own cost per step (eager:
+    the update's ~8 elementwise passes and a torch.randn; ours: one fused pass, the NaN flag set inside it). Per
+    step, ours must move 12 B per element (read x_t and eps, write x_{t-1}): 2.4 MB."""
+    n, steps = (2, 2) if benchmark.disabled else (64, 1000)
+    diffusion = ddpm_fast.Diffusion().respace(steps) if steps < 1000 else ddpm_fast.Diffusion()
+    shape = (3, 32, 32)
+
+    def run():
+        if role == "eager":
+            with torch.inference_mode():
+                eager_loop(_trivial_model, diffusion, n, shape, DEVICE)
+        else:
+            ddpm_fast.sample(_trivial_model, n, shape=shape, diffusion=diffusion, device=DEVICE, progress=False,
+                             network_dtype=torch.float32)
+
+    _time(benchmark, f"sampling loop, trivial eps-model {n}x3x32x32, {steps} steps", run, role, n, steps,
+          bytes_per_step=12 * n * 3 * 32 * 32)

@@ -26,9 +26,10 @@ TORCH_LIBRARY(ddpm_fast, m) {
   m.def("simple_loss_backward(Tensor grad, Tensor eps_pred, Tensor eps) -> Tensor");
   // One reverse step from the row coef[t] = (a, b, c_x0, c_xt, sigma): x0_hat = a x_t - b eps (clipped if clip),
   // x_{t-1} = c_x0 x0_hat + c_xt x_t + sigma z, no noise where t == 0. Returns (x_{t-1}, x0_hat if write_x0 else
-  // an empty tensor).
+  // an empty tensor). nonfinite_t (0-d int64), if given, becomes max(nonfinite_t, t[b]) over the samples b whose
+  // x_{t-1} is not all finite (the sampler's flag, set by the step itself: no pass of its own, no host sync).
   m.def("reverse_step(Tensor x_t, Tensor eps, Tensor t, Tensor coef, Tensor sample_index, Tensor counter2, int seed, "
-        "int c3, bool clip, bool write_x0) -> (Tensor, Tensor)");
+        "int c3, bool clip, bool write_x0, Tensor(a!)? nonfinite_t=None) -> (Tensor, Tensor)");
 
   // y = dropout(act(GroupNorm(x + add[n, c]))) (ddpm_fast/ops/group_norm.py has the reference); the dropout mask
   // from Philox counter (e // 4, sample_index[n], counter2[n], c3), kept where the uniform >= dropout. Returns y (x's

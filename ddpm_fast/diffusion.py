@@ -322,13 +322,15 @@ class Diffusion:
         nonzero = (t != 0).to(x_t.dtype).view(-1, *([1] * (x_t.dim() - 1)))
         return PSample(out.mean + nonzero * torch.exp(0.5 * out.log_variance) * noise.to(x_t.dtype), out.pred_x0)
 
-    def _reverse_step(self, model, x_t, t, table, clip_denoised, seed, sample_index, write_x0=False):
+    def _reverse_step(self, model, x_t, t, table, clip_denoised, seed, sample_index, write_x0=False,
+                      nonfinite_t=None):
         """(x_{t-1}, x0_hat or None): the model's eps, then the fused step with the rows `table` (step_table) and
-        z from Philox stream 1 keyed by (seed, sample_index, original timestep). Unchecked: the sampler's loop."""
+        z from Philox stream 1 keyed by (seed, sample_index, original timestep); nonfinite_t (0-d int64) raised to
+        the code step t where x_{t-1} is not finite. Unchecked: the sampler's loop."""
         original_t = self._original_t(t, x_t)
         eps = self._model_eps(model, x_t, original_t)
         return diffusion_step.reverse_step(x_t, eps, t, table, sample_index, original_t, seed=seed,
-                                           clip=clip_denoised, write_x0=write_x0)
+                                           clip=clip_denoised, write_x0=write_x0, nonfinite_t=nonfinite_t)
 
     # ------------------------------------------------------------------------------------------------ training
     def training_loss(self, model: Model, x0: torch.Tensor, t, noise: torch.Tensor | None = None, *,

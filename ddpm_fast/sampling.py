@@ -213,20 +213,17 @@ class _Engine:
         self.diffusion, self.network, self.table = diffusion, network, table
         self.clip_denoised, self.seed, self.slot, self.device = clip_denoised, seed, slot, device
         self.steps_count = diffusion.num_timesteps
-        self.timestep_map = diffusion._on(device, torch.float32)["timestep_map"]  # the tables copy it there once
         self.graphed = cuda_graph and device.type == "cuda"
         self.graphs: dict[int, _GraphedStep] = {}
         self.write_x0 = bool(slot)
 
     def step(self, x: torch.Tensor, i: torch.Tensor, index: torch.Tensor, bad: torch.Tensor):
-        """x_{t-1} and x0_hat (or None) for x at code step i (a 0-d int64 tensor on the device); bad records the
-        first original timestep whose output is not finite, without a host sync."""
+        """x_{t-1} and x0_hat (or None) for x at code step i (a 0-d int64 tensor on the device); the reverse step
+        raises bad to i where its output is not finite (in the same pass, without a host sync): the first step that
+        went non-finite, since i falls."""
         t = i.expand(x.shape[0])
-        x, x0_hat = self.diffusion._reverse_step(self.network, x, t, self.table, self.clip_denoised, self.seed,
-                                                 index, write_x0=self.write_x0)
-        original = self.timestep_map.index_select(0, i.view(1)).squeeze(0)
-        bad.copy_(torch.where((bad < 0) & ~torch.isfinite(x).all(), original, bad))
-        return x, x0_hat
+        return self.diffusion._reverse_step(self.network, x, t, self.table, self.clip_denoised, self.seed, index,
+                                            write_x0=self.write_x0, nonfinite_t=bad)
 
     def run(self, batch: _Batch, bar) -> torch.Tensor:
         """Every step from batch.x; the recorded steps into batch.x_ts / x0_hats, the flag into batch.bad. Returns
@@ -448,23 +445,25 @@ def sample(model, n: int, *, diffusion: Diffusion | None = None, sampler: str = 
                 if store is None:
                     images[start:stop] = x.clamp(-1.0, 1.0)
                 else:
-                    _check_finite(first_bad[b:b + 1], b, batch_size, n)
+                    _check_finite(first_bad[b:b + 1], diffusion.timestep_map, b, batch_size, n)
                     store.write(b, to_uint8(x), missing)
                     written.update(len(missing))
     if store is not None:  # (each batch was checked before it was written)
         return store.path
-    _check_finite(first_bad, 0, batch_size, n)  # the one sync of an in-memory run
+    _check_finite(first_bad, diffusion.timestep_map, 0, batch_size, n)  # the one sync of an in-memory run
     if not return_intermediates:
         return images
     paper_t = tuple(int(diffusion.timestep_map[steps_count - 1 - j]) + 1 for j in recorded)
     return SampleResult(images, paper_t, x_ts, x0_hats)
 
 
-def _check_finite(first_bad: torch.Tensor, first_batch: int, batch_size: int, n: int) -> None:
-    """Raise for the first of these batches whose reverse process went non-finite (first_bad[k]: the code step, or
-    -1); the batches are first_batch, first_batch + 1, ..."""
-    for k, step in enumerate(first_bad.tolist()):
-        if step >= 0:
+def _check_finite(first_bad: torch.Tensor, timestep_map: torch.Tensor, first_batch: int, batch_size: int,
+                  n: int) -> None:
+    """Raise for the first of these batches whose reverse process went non-finite (first_bad[k]: the first step that
+    did, as a step of the (respaced) process, or -1); the batches are first_batch, first_batch + 1, ..."""
+    for k, code_step in enumerate(first_bad.tolist()):
+        if code_step >= 0:
+            step = int(timestep_map[code_step])  # of the original schedule
             start = (first_batch + k) * batch_size
             raise FloatingPointError(
                 f"sampling produced NaN/inf in the reverse step from t={step} (code index; paper t={step + 1}) "

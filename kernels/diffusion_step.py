@@ -159,11 +159,13 @@ def _reverse_step_kernel(
     counter2_ptr,  # (B,) int64: counter word c2
     x_prev_ptr,  # (B, ...) x_t's dtype and layout: output x_{t-1}
     x0_hat_ptr,  # (B, ...) or a dummy when not WRITE_X0
+    nonfinite_ptr,  # () int64: raised to t where x_{t-1} is not all finite, or a dummy when not FLAG
     timesteps,  # T
     seed, c3,
     numel, spatial, stride_b, stride_c, stride_s,
     CLIP: tl.constexpr,
     WRITE_X0: tl.constexpr,
+    FLAG: tl.constexpr,
     CONTIGUOUS: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
@@ -187,7 +189,12 @@ def _reverse_step_kernel(
         z = _normals(seed, start // 4, tl.load(sample_index_ptr + b).to(tl.uint32),
                      tl.load(counter2_ptr + b).to(tl.uint32), tl.cast(c3, tl.uint32), BLOCK)
         mean = mean + sigma * z.to(x.dtype)
-    tl.store(x_prev_ptr + off, tl.where(valid, mean, float("nan")), mask=mask)
+    x_prev = tl.where(valid, mean, float("nan"))
+    tl.store(x_prev_ptr + off, x_prev, mask=mask)
+    if FLAG:  # |v| < inf is false for NaN and +-inf: an atomic only where a value is not finite (no reduction: a
+        # block-wide sum and branch made Triton 3.6 spill)
+        bad = mask & ~(tl.abs(x_prev) < float("inf"))
+        tl.atomic_max(nonfinite_ptr + tl.zeros_like(e), t + tl.zeros_like(e), mask=bad)
     if WRITE_X0:
         tl.store(x0_hat_ptr + off, tl.where(valid, x0, float("nan")), mask=mask)
 
@@ -271,9 +278,10 @@ def simple_loss_backward(grad: torch.Tensor, eps_pred: torch.Tensor, eps: torch.
 
 def reverse_step(x_t: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, coef: torch.Tensor,
                  sample_index: torch.Tensor, counter2: torch.Tensor, seed: int, c3: int, clip: bool,
-                 write_x0: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                 write_x0: bool, nonfinite_t: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """x_{t-1} = c_x0 x0_hat + c_xt x_t + sigma z from the row coef[t] = (a, b, c_x0, c_xt, sigma), x0_hat = a x_t -
-    b eps (clipped if clip), no noise where t == 0 or sigma == 0. Returns (x_{t-1}, x0_hat or an empty tensor)."""
+    b eps (clipped if clip), no noise where t == 0 or sigma == 0; nonfinite_t (0-d int64), if given, raised to t[b]
+    where x_{t-1}[b] is not all finite. Returns (x_{t-1}, x0_hat or an empty tensor)."""
     x_t = runnable(x_t)
     eps = like(eps, x_t)
     x_prev = torch.empty_like(x_t)
@@ -284,6 +292,7 @@ def reverse_step(x_t: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, coef: to
         with device_of(x_t):
             wrap_triton(_reverse_step_kernel)[_grid(x_t.shape[0], numel, block)](
                 x_t, eps, t.contiguous(), coef.contiguous(), sample_index.contiguous(), counter2.contiguous(), x_prev,
-                x0_hat if write_x0 else x_prev, coef.shape[0], seed, c3, numel, spatial, stride_b, stride_c, stride_s,
-                CLIP=clip, WRITE_X0=write_x0, CONTIGUOUS=x_t.is_contiguous(), BLOCK=block, num_warps=_NUM_WARPS)
+                x0_hat if write_x0 else x_prev, nonfinite_t if nonfinite_t is not None else t, coef.shape[0], seed,
+                c3, numel, spatial, stride_b, stride_c, stride_s, CLIP=clip, WRITE_X0=write_x0,
+                FLAG=nonfinite_t is not None, CONTIGUOUS=x_t.is_contiguous(), BLOCK=block, num_warps=_NUM_WARPS)
     return x_prev, x0_hat

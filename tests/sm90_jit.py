@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import importlib
 import json
 import os
 import re
@@ -303,6 +304,16 @@ def _nll_workloads():
         ddpm_fast.nll(_model("digits"), data, batch_size=2, progress=False)
 
 
+def _p_sample_workloads():
+    import ddpm_fast
+    for preset in ("digits", "cifar10"):
+        @workload(f"p_sample-{preset}", PRESET_CHANNELS[preset])  # one public reverse step: no NaN flag
+        def run(preset=preset):
+            model = _model(preset)
+            x = torch.randn(2, model.in_channels, model.image_size, model.image_size)
+            ddpm_fast.Diffusion().p_sample(model, x, torch.tensor([999, 3]))
+
+
 def _q_sample_workloads():
     import ddpm_fast
     for preset in ("digits", "cifar10"):
@@ -358,6 +369,7 @@ def _register_all():
     _sample_workloads()
     _train_workloads()
     _nll_workloads()
+    _p_sample_workloads()
     _q_sample_workloads()
     _philox_workloads()
     _attention_workloads()
@@ -410,8 +422,8 @@ def main(argv=None) -> None:
                     traceback.format_tb(error.__traceback__)[-4:])
             runs.append(dict(name=name, channels=channels, outcome=outcome, launches=RECORDER.launches,
                              seconds=round(time.perf_counter() - start, 2)))
-    files = sorted({Path(getattr(kernels, m).__file__).name for m in ("philox", "diffusion_step", "group_norm",
-                                                                       "attention")})
+    files = sorted({Path(importlib.import_module(f"ddpm_fast.kernels{m}").__file__).name
+                    for m in ("", ".philox", ".diffusion_step", ".group_norm", ".attention", ".layout")})
     print(json.dumps(dict(triton=triton.__version__, torch=torch.__version__, triton_file=triton.__file__,
                           kernel_files=[str(Path(kernels.__file__).parent / f) for f in files],
                           kernels=list(RECORDER.kernels.values()), failures=list(RECORDER.failures.values()),

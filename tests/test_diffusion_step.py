@@ -188,6 +188,34 @@ def test_reverse_step_equals_reference(backend, eps_dtype, shape, sampler, varia
 
 
 @pytest.mark.parametrize("backend", ["reference"] + FUSED)
+def test_reverse_step_flags_the_largest_t_whose_output_is_not_finite(backend):
+    """nonfinite_t becomes max(itself, t[b]) over the samples b with a NaN or inf in x_{t-1}, set in the step's own
+    pass (the sampler's flag); finite outputs leave it, and the outputs are those of a step without it."""
+    d = Diffusion()
+    x_t, eps, _ = step_inputs((4, 3, 5, 7), torch.float32, 30)
+    t = torch.tensor([17, 400, 3, 250])
+    table, (index, counter2) = d.step_table("cpu"), keys(4)
+    bad_eps = eps.clone()
+    bad_eps[0, 1, 2, 3] = float("nan")  # t = 17
+    bad_eps[2, 2, 4, 6] = float("inf")  # t = 3, the last element
+    for layout, x in layouts(x_t):
+        for given, start, want in ((eps, -1, -1), (bad_eps, -1, 17), (bad_eps, 5, 17), (bad_eps, 100, 100)):
+            flag = torch.tensor(start)
+            out, _ = ds.reverse_step(x, given, t, table, index, counter2, seed=1, nonfinite_t=flag, backend=backend)
+            assert flag.item() == want, (layout, start)
+            plain, _ = ds.reverse_step(x, given, t, table, index, counter2, seed=1, backend=backend)
+            assert torch.equal(out.isnan(), plain.isnan()) and torch.equal(out.nan_to_num(), plain.nan_to_num())
+        hot = x.clone()
+        hot[1, 0, 0, 0] = float("inf")  # in x_t: x_{t-1} = c_x0 x0_hat + c_xt x_t is inf there (t = 400)
+        flag = torch.tensor(-1)
+        ds.reverse_step(hot, eps, t, table, index, counter2, seed=1, nonfinite_t=flag, backend=backend)
+        assert flag.item() == 400, layout
+    for wrong in (torch.tensor(-1.0), torch.tensor([-1]), -1):
+        with pytest.raises(ValueError, match="nonfinite_t must be a 0-d int64 tensor"):
+            ds.reverse_step(x_t, eps, t, table, index, counter2, seed=1, nonfinite_t=wrong, backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["reference"] + FUSED)
 def test_reverse_step_is_the_papers_step(backend):
     """DDPM rows: x_{t-1} = posterior mean at the clipped x0_hat + exp(log variance / 2) z, z = philox.randn of
     stream 1 keyed by (seed, sample index, original t), no noise at t = 0 (Diffusion.p_mean_variance, eagerly)."""
@@ -287,6 +315,11 @@ def cpp_op_samples(diffusion):
 def test_opcheck_cpp_ops(op, diffusion):
     args = cpp_op_samples(diffusion)[op]
     torch.library.opcheck(getattr(torch.ops.ddpm_fast, op).default, args)
+    if op == "reverse_step":  # with the flag, raised by an inf in eps (unclipped: x_{t-1} is -inf there; an inf,
+        eps = args[1].clone()  # not a NaN, which opcheck's comparisons would call a mismatch)
+        eps[1, 0, 0, 0] = float("inf")
+        torch.library.opcheck(torch.ops.ddpm_fast.reverse_step.default,
+                              (args[0], eps) + args[2:8] + (False, True, torch.tensor(-1)))
     if op in ("q_sample_philox", "reverse_step"):  # channels_last strides predicted by the fake impl
         cl = tuple(a.contiguous(memory_format=torch.channels_last) if isinstance(a, torch.Tensor) and a.dim() == 4
                    else a for a in args)
@@ -518,7 +551,8 @@ def test_opcheck_and_compile_on_cuda(diffusion):
     samples = {name: tuple(a.to(cuda) if isinstance(a, torch.Tensor) else a for a in args)
                for name, args in cpp_op_samples(diffusion).items()}
     ds._triton()
-    for name, args in samples.items():
+    flagged = samples["reverse_step"] + (torch.tensor(-1, device=cuda),)
+    for name, args in list(samples.items()) + [("reverse_step", flagged)]:
         torch.library.opcheck(getattr(torch.ops.ddpm_fast, name).default, args)
         torch.library.opcheck(getattr(torch.ops.ddpm_fast, name + "_triton").default, args)
     q = diffusion._on(cuda, torch.float32)["q_sample"]

@@ -97,6 +97,17 @@ def test_nan_is_reported_with_its_step(model):
     with pytest.raises(FloatingPointError, match=r"from t=7 \(code index; paper t=8\) for images 2\.\.2"):
         run(broken_second, 3, shape=(1, 8, 8), diffusion=Diffusion(timesteps=T), batch_size=2)
 
+    # respaced: the reverse step flags its step of the respaced process; the message gives the original t
+    def broken_late(x, t):  # the model sees original timesteps
+        eps = model(x, t)
+        return torch.where(t[:, None, None, None] <= 6, torch.full_like(eps, float("nan")), eps)
+
+    kept = Diffusion(timesteps=T).respace(4).timestep_map.tolist()
+    first = max(m for m in kept if m <= 6)
+    assert first not in (6, kept.index(first))  # (neither the threshold nor its code index: the map is tested)
+    with pytest.raises(FloatingPointError, match=rf"from t={first} \(code index; paper t={first + 1}\)"):
+        run(broken_late, 2, shape=(1, 8, 8), diffusion=Diffusion(timesteps=T), steps=4)
+
 
 def test_bad_input_names_the_argument(model):
     for n in [0, -3, 2.5, True, "4"]:

@@ -4,6 +4,7 @@
 #pragma once
 #include <ATen/ATen.h>
 
+#include <optional>
 #include <tuple>
 #include <utility>
 
@@ -103,6 +104,15 @@ inline void check_reverse_step(const at::Tensor& x_t, const at::Tensor& eps, con
   check_batch_vector(t, x_t, op, "t");
   check_batch_vector(sample_index, x_t, op, "sample_index");
   check_batch_vector(counter2, x_t, op, "counter2");
+}
+
+// The reverse step's optional flag: a 0-d int64 tensor on x's device (its data pointer), or none (nullptr).
+inline int64_t* nonfinite_flag(const std::optional<at::Tensor>& flag, const at::Tensor& x, const char* op) {
+  if (!flag.has_value()) return nullptr;
+  TORCH_CHECK(flag->dim() == 0 && flag->scalar_type() == at::kLong && flag->device() == x.device(), op,
+              ": nonfinite_t must be a 0-d int64 tensor on ", x.device(), ", got ", flag->scalar_type(), " of shape ",
+              flag->sizes(), " on ", flag->device());
+  return flag->data_ptr<int64_t>();
 }
 
 // ---- layouts

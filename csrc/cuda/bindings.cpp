@@ -128,8 +128,10 @@ at::Tensor simple_loss_backward_cuda(const at::Tensor& grad, const at::Tensor& e
 std::tuple<at::Tensor, at::Tensor> reverse_step_cuda(const at::Tensor& x_t_in, const at::Tensor& eps_in,
                                                      const at::Tensor& t, const at::Tensor& coef,
                                                      const at::Tensor& sample_index, const at::Tensor& counter2,
-                                                     int64_t seed, int64_t c3, bool clip, bool write_x0) {
+                                                     int64_t seed, int64_t c3, bool clip, bool write_x0,
+                                                     const std::optional<at::Tensor>& nonfinite_t) {
   check_reverse_step(x_t_in, eps_in, t, coef, sample_index, counter2, at::kCUDA, "reverse_step");
+  int64_t* flag = nonfinite_flag(nonfinite_t, x_t_in, "reverse_step");
   const c10::cuda::CUDAGuard guard(x_t_in.device());
   const at::Tensor x_t = runnable(x_t_in), eps = like(eps_in, x_t);
   at::Tensor x_prev = at::empty_like(x_t);
@@ -140,7 +142,7 @@ std::tuple<at::Tensor, at::Tensor> reverse_step_cuda(const at::Tensor& x_t_in, c
   C10_CUDA_CHECK(cuda::reverse_step(dtype_of(eps), x_t.data_ptr<float>(), eps.data_ptr(), tc.data_ptr<int64_t>(),
                                     table.data_ptr<float>(), table.size(0), c1.data_ptr<int64_t>(),
                                     c2.data_ptr<int64_t>(), x_prev.data_ptr<float>(),
-                                    write_x0 ? x0_hat.data_ptr<float>() : nullptr, x_t.size(0), layout_of(x_t),
+                                    write_x0 ? x0_hat.data_ptr<float>() : nullptr, flag, x_t.size(0), layout_of(x_t),
                                     static_cast<uint64_t>(seed), static_cast<uint32_t>(c3), clip,
                                     c10::cuda::getCurrentCUDAStream()));
   return {x_prev, x0_hat};

@@ -102,8 +102,9 @@ template <typename E>
 __global__ void reverse_step_kernel(const float* __restrict__ x_t, const E* __restrict__ eps,
                                     const int64_t* __restrict__ t, const float* __restrict__ coef, int64_t timesteps,
                                     const int64_t* __restrict__ sample_index, const int64_t* __restrict__ counter2,
-                                    float* __restrict__ x_prev, float* __restrict__ x0_hat, SampleLayout layout,
-                                    int64_t quads, int64_t total, uint64_t seed, uint32_t c3, bool clip) {
+                                    float* __restrict__ x_prev, float* __restrict__ x0_hat,
+                                    long long* __restrict__ nonfinite_t, SampleLayout layout, int64_t quads,
+                                    int64_t total, uint64_t seed, uint32_t c3, bool clip) {
   DDPM_GRID_STRIDE(i, total) {
     const int64_t b = i / quads, q = i - b * quads;
     const int64_t tb = t[b];
@@ -126,6 +127,8 @@ __global__ void reverse_step_kernel(const float* __restrict__ x_t, const E* __re
       const float v = step_mean(row[kCoefX0], row[kCoefXt], x0, x) + sigma * z[j];
       x_prev[off] = valid ? v : NAN;
       if (x0_hat != nullptr) x0_hat[off] = valid ? x0 : NAN;
+      // (an atomic only where the output is not finite: none in a healthy run)
+      if (nonfinite_t != nullptr && !(valid && finite_value(v))) atomicMax(nonfinite_t, static_cast<long long>(tb));
     }
   }
 }
@@ -196,15 +199,15 @@ cudaError_t simple_loss_backward(DType pred_dtype, const void* eps_pred, DType e
 
 cudaError_t reverse_step(DType eps_dtype, const float* x_t, const void* eps, const int64_t* t, const float* coef,
                          int64_t timesteps, const int64_t* sample_index, const int64_t* counter2, float* x_prev,
-                         float* x0_hat, int64_t batch, SampleLayout layout, uint64_t seed, uint32_t c3, bool clip,
-                         cudaStream_t stream) {
+                         float* x0_hat, int64_t* nonfinite_t, int64_t batch, SampleLayout layout, uint64_t seed,
+                         uint32_t c3, bool clip, cudaStream_t stream) {
   const int64_t quads = (layout.numel + 3) / 4, total = batch * quads;
   if (total == 0) return cudaSuccess;
   return dispatch(eps_dtype, [&](auto tag) {
     using E = decltype(tag);
     reverse_step_kernel<E><<<blocks_for(total), kThreads, 0, stream>>>(
-        x_t, static_cast<const E*>(eps), t, coef, timesteps, sample_index, counter2, x_prev, x0_hat, layout, quads,
-        total, seed, c3, clip);
+        x_t, static_cast<const E*>(eps), t, coef, timesteps, sample_index, counter2, x_prev, x0_hat,
+        reinterpret_cast<long long*>(nonfinite_t), layout, quads, total, seed, c3, clip);
     return cudaGetLastError();
   });
 }

@@ -34,11 +34,11 @@ cudaError_t simple_loss_partial(DType pred_dtype, const void* eps_pred, DType ep
 cudaError_t simple_loss_backward(DType pred_dtype, const void* eps_pred, DType eps_dtype, const void* eps,
                                  const float* grad, void* grad_pred, int64_t batch, int64_t numel,
                                  cudaStream_t stream);
-// x0_hat may be null (not written).
+// x0_hat may be null (not written); nonfinite_t may be null (else raised to t[b] where x_{t-1} is not finite).
 cudaError_t reverse_step(DType eps_dtype, const float* x_t, const void* eps, const int64_t* t, const float* coef,
                          int64_t timesteps, const int64_t* sample_index, const int64_t* counter2, float* x_prev,
-                         float* x0_hat, int64_t batch, SampleLayout layout, uint64_t seed, uint32_t c3, bool clip,
-                         cudaStream_t stream);
+                         float* x0_hat, int64_t* nonfinite_t, int64_t batch, SampleLayout layout, uint64_t seed,
+                         uint32_t c3, bool clip, cudaStream_t stream);
 
 // The fused GroupNorm (+ add, SiLU, dropout; csrc/ops.cpp has the schemas, csrc/cpu/group_norm.cpp the CPU kernels).
 // x, y, dy and dx are `dtype`, (N, C, S) contiguous or, with channels_last, (N, S, C) in memory; the small inputs

@@ -52,9 +52,10 @@ def simple_loss_reference(eps_pred, eps):
     return ((eps_pred.to(acc) - eps.to(acc)) ** 2).flatten(1).mean(1)
 
 
-def reverse_step_reference(x_t, eps, t, coef, sample_index, counter2, seed, c3, clip, write_x0):
+def reverse_step_reference(x_t, eps, t, coef, sample_index, counter2, seed, c3, clip, write_x0, nonfinite_t=None):
     """x0_hat = a x_t - b eps (clipped to [-1, 1] if clip); x_{t-1} = c_x0 x0_hat + c_xt x_t + sigma z, with z from
-    Philox and no noise where t == 0 (or sigma == 0)."""
+    Philox and no noise where t == 0 (or sigma == 0); nonfinite_t, if given, becomes the largest of itself and the
+    t of every sample whose x_{t-1} is not all finite."""
     a, b, coef_x0, coef_xt, sigma = (_per_sample(column, x_t) for column in coef[t].unbind(1))
     x0_hat = a * x_t - b * eps.to(x_t.dtype)
     if clip:
@@ -62,6 +63,9 @@ def reverse_step_reference(x_t, eps, t, coef, sample_index, counter2, seed, c3, 
     z = _reference_noise(x_t, sample_index, counter2, seed, c3).to(x_t.dtype)
     noisy = _per_sample((t != 0) & (coef[t, 4] != 0), x_t)
     x_prev = coef_x0 * x0_hat + coef_xt * x_t + torch.where(noisy, sigma, torch.zeros_like(sigma)) * z
+    if nonfinite_t is not None and x_prev.numel():
+        bad = ~torch.isfinite(x_prev.flatten(1)).all(1)
+        nonfinite_t.copy_(torch.maximum(nonfinite_t, torch.where(bad, t, -1).max()))
     return x_prev, (x0_hat if write_x0 else x_t.new_empty(0))
 
 
@@ -87,11 +91,12 @@ def _register_triton_ops():
     def simple_loss_backward_triton(grad: torch.Tensor, eps_pred: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         return kernels.simple_loss_backward(grad, eps_pred, eps)
 
-    @torch.library.triton_op("ddpm_fast::reverse_step_triton", mutates_args=())
+    @torch.library.triton_op("ddpm_fast::reverse_step_triton", mutates_args=("nonfinite_t",))
     def reverse_step_triton(x_t: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, coef: torch.Tensor,
                             sample_index: torch.Tensor, counter2: torch.Tensor, seed: int, c3: int, clip: bool,
-                            write_x0: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        return kernels.reverse_step(x_t, eps, t, coef, sample_index, counter2, seed, c3, clip, write_x0)
+                            write_x0: bool, nonfinite_t: torch.Tensor | None = None
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+        return kernels.reverse_step(x_t, eps, t, coef, sample_index, counter2, seed, c3, clip, write_x0, nonfinite_t)
 
     ops = {"q_sample": q_sample_triton, "q_sample_philox": q_sample_philox_triton, "simple_loss": simple_loss_triton,
            "simple_loss_backward": simple_loss_backward_triton, "reverse_step": reverse_step_triton}
@@ -178,7 +183,7 @@ def _register_cpp_extras() -> None:
         return out_like(eps_pred)
 
     @torch.library.register_fake("ddpm_fast::reverse_step")
-    def _(x_t, eps, t, coef, sample_index, counter2, seed, c3, clip, write_x0):
+    def _(x_t, eps, t, coef, sample_index, counter2, seed, c3, clip, write_x0, nonfinite_t=None):
         return out_like(x_t), (out_like(x_t) if write_x0 else x_t.new_empty(0))
 
     _register_autograd({name: f"ddpm_fast::{name}" for name in ("q_sample", "q_sample_philox", "simple_loss")},
@@ -290,7 +295,7 @@ def simple_loss(eps_pred: torch.Tensor, eps: torch.Tensor, *, backend: str | Non
 
 def reverse_step(x_t: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, coef: torch.Tensor,
                  sample_index: torch.Tensor, counter2: torch.Tensor, *, seed: int, clip: bool = True,
-                 write_x0: bool = False, stream: int = STREAM_REVERSE,
+                 write_x0: bool = False, stream: int = STREAM_REVERSE, nonfinite_t: torch.Tensor | None = None,
                  backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One reverse step x_t -> x_{t-1} in one pass, its noise drawn inside (DDPM or DDIM, by the table's rows).
 
@@ -300,6 +305,9 @@ def reverse_step(x_t: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, coef: to
         (Diffusion.step_table builds it); x0_hat = a x_t - b eps, x_{t-1} = c_x0 x0_hat + c_xt x_t + sigma z.
     :param sample_index, counter2: (B,) int64 counter words of z (the global sample index, the original timestep).
     :param clip: clip x0_hat to [-1, 1]. :param write_x0: also return x0_hat.
+    :param nonfinite_t: a 0-d int64 tensor on x_t's device, or None: set in the same pass to the largest of itself
+        and the t of every sample whose x_{t-1} holds a NaN or inf (the sampler's flag: start it at -1; set by the
+        step itself, no pass over memory of its own, no host sync).
     :return: (x_{t-1}, x0_hat or None), in x_t's dtype and layout.
     """
     op = "reverse_step"
@@ -309,9 +317,12 @@ def reverse_step(x_t: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, coef: to
     _check_table(op, coef, STEP_COLUMNS, x_t.dtype, x_t)
     _check_vector(op, "sample_index", sample_index, x_t)
     _check_vector(op, "counter2", counter2, x_t)
+    if nonfinite_t is not None and (not isinstance(nonfinite_t, torch.Tensor) or nonfinite_t.dtype != torch.int64
+                                    or nonfinite_t.dim() != 0 or nonfinite_t.device != x_t.device):
+        raise ValueError(f"{op}: nonfinite_t must be a 0-d int64 tensor on {x_t.device}, got {_describe(nonfinite_t)}")
     seed, c3 = _check_seed(seed), _c3(stream, 0)
     chosen = _registry.choose(op, x_t.device, IMPLEMENTED, backend)
-    args = (x_t, eps, t, coef, sample_index, counter2, seed, c3, bool(clip), bool(write_x0))
+    args = (x_t, eps, t, coef, sample_index, counter2, seed, c3, bool(clip), bool(write_x0), nonfinite_t)
     if chosen == "reference":
         x_prev, x0_hat = reverse_step_reference(*args)
     else:

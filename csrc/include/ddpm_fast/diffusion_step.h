@@ -1,6 +1,7 @@
 // Per-element math of the fused diffusion ops (forward noising, L_simple, the reverse step), shared by the CPU and
 // CUDA kernels, and the int64 index arithmetic that maps a sample's logical element to memory.
 #pragma once
+#include <cmath>
 #include <cstdint>
 
 #include "ddpm_fast/fastmath.h"
@@ -50,6 +51,13 @@ DDPM_HD T predict_x0(T sqrt_recip_abar, T sqrt_recipm1_abar, T x_t, T eps, bool 
 template <typename T>
 DDPM_HD T step_mean(T coef_x0, T coef_xt, T x0_hat, T x_t) {
   return coef_x0 * x0_hat + coef_xt * x_t;
+}
+
+// Whether a value of x_{t-1} is finite: |v| < inf is false for NaN and +-inf (the reverse step records the t of a
+// step whose output is not, for the sampler's flag).
+template <typename T>
+DDPM_HD bool finite_value(T v) {
+  return (v < T(0) ? -v : v) < static_cast<T>(INFINITY);
 }
 
 // d L_simple / d eps_pred for one element: L = mean_e (eps_pred - eps)^2 per sample, so 2 (eps_pred - eps) / numel.
