@@ -196,7 +196,8 @@ class _Autocast:
 
 class _Batch(NamedTuple):
     """What the steps of one batch need: x_T, the global sample indices, the batch's NaN flag (a view into the run's:
-    the first original timestep whose output was not finite, -1: none) and the recorded tensors' slices."""
+    the first step, of the (respaced) process, whose output was not finite, -1: none; _check_finite maps it to the
+    original t) and the recorded tensors' slices."""
     x: torch.Tensor
     index: torch.Tensor
     bad: torch.Tensor

@@ -13,7 +13,8 @@ Since nothing launches, a kernel's outputs are whatever memory held: the stand-i
 tensor argument, so that the run downstream stays finite (a NaN check or a non-finite loss would otherwise stop a
 workload before all its launches); the specialisations do not depend on values. The U-Net's steps are alike (t is a
 tensor, the step's position never reaches a kernel as an int), so long runs stop after `stop_after` launches of one
-kernel; the digits preset also runs whole, and the test checks that it compiles nothing the truncated run did not.
+kernel; the digits preset also runs whole (batch 16 and 1), and the test checks that it compiles nothing the
+truncated run did not.
 
 No TRITON_INTERPRET here: the kernel modules must be imported as the GPU imports them (JITFunctions, GPU block
 sizes). Neither ddpm_fast's registry nor Triton lets Triton run on CPU tensors outside the interpreter, so this
@@ -213,10 +214,14 @@ def resources(kernel, ptxas_log: str) -> dict:
 # ---------------------------------------------------------------------------------------------------- workloads
 # name -> (function, widest attention head (C) it runs, {kernel: launches after which it stops})
 WORKLOADS: dict[str, tuple] = {}
-STEPS_SEEN = 1  # reverse steps compiled per sample() run: every later step launches the same kernels (the witness)
+# Reverse steps compiled per sample() run: later steps launch what the first two did (the witnesses). Two, not one:
+# at batch 1 the Python loop's t is a view into its table of steps, 8 B further each step, so its pointer's
+# alignment (a specialisation) alternates from step to step.
+STEPS_SEEN = 2
 
 
-WITNESS = ("sample-digits-steps100-whole", "sample-digits-steps100-first-step")
+# (a whole run, the same run stopped after STEPS_SEEN steps) at batch 16 and at batch 1
+WITNESSES = [(f"sample-digits-n{n}-steps100-whole", f"sample-digits-n{n}-steps100-first-steps") for n in (16, 1)]
 
 
 def workload(name, channels, stop_after=None):
@@ -269,11 +274,18 @@ def _sample_workloads():
         workload(f"sample-{preset}-contiguous-ddpm-n16-seed0-float32", PRESET_CHANNELS[preset],
                  {"_reverse_step_kernel": STEPS_SEEN})(run_fp32)
 
-    # the truncation's witness: a run of 100 steps whole, and the same run stopped after its first step
-    def witness():
-        ddpm_fast.sample(_model("digits"), 16, steps=100, progress=False, network_dtype=torch.bfloat16)
-    workload(WITNESS[0], 64)(witness)
-    workload(WITNESS[1], 64, {"_reverse_step_kernel": STEPS_SEEN})(witness)
+    # the truncation's witnesses: a run of 100 steps whole, and the same run stopped after STEPS_SEEN steps
+    for n, (whole, first) in zip((16, 1), WITNESSES):
+        def witness(n=n):
+            ddpm_fast.sample(_model("digits"), n, steps=100, progress=False, network_dtype=torch.bfloat16)
+        workload(whole, 64)(witness)
+        workload(first, 64, {"_reverse_step_kernel": STEPS_SEEN})(witness)
+
+    # several batches, whole: batch b's NaN flag is a view at 8 b bytes into the run's (its pointer's alignment)
+    for preset in ("digits", "small", "cifar10"):
+        def batches(preset=preset):
+            ddpm_fast.sample(_model(preset), 3, batch_size=1, steps=2, progress=False, network_dtype=torch.bfloat16)
+        workload(f"sample-{preset}-3-batches-of-1", PRESET_CHANNELS[preset])(batches)
 
 
 def _train_workloads():
@@ -427,7 +439,7 @@ def main(argv=None) -> None:
     print(json.dumps(dict(triton=triton.__version__, torch=torch.__version__, triton_file=triton.__file__,
                           kernel_files=[str(Path(kernels.__file__).parent / f) for f in files],
                           kernels=list(RECORDER.kernels.values()), failures=list(RECORDER.failures.values()),
-                          runs=runs, witness=WITNESS)))
+                          package_dir=str(Path(ddpm_fast.__file__).parent), runs=runs, witnesses=WITNESSES)))
 
 
 if __name__ == "__main__":
