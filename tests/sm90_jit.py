@@ -1,13 +1,13 @@
 """Compile for an sm_90 GPU (H100/H200), without a GPU, exactly what Triton's JIT compiles on one.
 
 Run as a program (tests/test_sm90_jit.py does, once per Triton version): `python tests/sm90_jit.py [--only NAME]`
-prints one JSON object. It runs the public API (sample, train, nll, the attention block forward and backward) on CPU
-tensors with every op on its Triton backend, and every Triton launch goes through Triton's own JITFunction.run with
+prints one JSON object. It runs the public API (sample, train, nll, p_sample, q_sample, the Philox draws, the attention
+block forward and backward) on CPU tensors with every op on its Triton backend, and every Triton launch goes through Triton's own JITFunction.run with
 warmup=True under a stand-in driver that reports an sm_90 target: the JIT binds the real arguments, specialises
 them as it would on the GPU (an int equal to 1 becomes a constexpr, ints and pointers divisible by 16 are marked),
 compiles Triton -> TTIR -> TTGIR -> PTX -> cubin (ptxas) and launches nothing. Each distinct compiled kernel is
-reported with its specialisation and its resources, read from the cubin (registers, stack / spill bytes) and the
-compiler's metadata (shared memory).
+reported with its specialisation and its resources: registers and stack bytes from the cubin (cuobjdump), spill
+bytes from Triton's own ptxas -v log of it, shared memory from the compiler's metadata.
 
 Since nothing launches, a kernel's outputs are whatever memory held: the stand-in launch zeroes every floating
 tensor argument, so that the run downstream stays finite (a NaN check or a non-finite loss would otherwise stop a
@@ -18,7 +18,9 @@ truncated run did not.
 
 No TRITON_INTERPRET here: the kernel modules must be imported as the GPU imports them (JITFunctions, GPU block
 sizes). Neither ddpm_fast's registry nor Triton lets Triton run on CPU tensors outside the interpreter, so this
-program allows it in the registry (_status_on) and replaces the driver; nothing else is patched.
+program allows it in the registry (_status_on), replaces the driver, and stands in for the NVIDIA backend's
+`subprocess` to keep ptxas's log (_PtxasLogs); nothing else is patched. It compiles into an empty Triton cache of its
+own, so every specialisation is compiled here.
 """
 from __future__ import annotations
 
