@@ -19,8 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ddpm_fast.kernels import group_norm as group_norm_kernels, wrap_triton
-from ddpm_fast.kernels.layout import acc_dtype, device_of
+from ddpm_fast.kernels import group_norm as group_norm_kernels, launch
+from ddpm_fast.kernels.layout import acc_dtype
 
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 # Launch configurations per kernel and head width (BLOCK_D = C rounded up to a power of two, at least 16 for tl.dot),
@@ -185,9 +185,8 @@ def attention_block(x, norm_weight, norm_bias, score_weight, score_bias, out_wei
     lse = torch.empty(n, tokens, dtype=acc, device=x.device)
     if n * tokens > 0:
         config = launch_config(c, "forward")
-        with device_of(x):
-            wrap_triton(_attention_forward_kernel)[(triton.cdiv(tokens, config["BLOCK_M"]), n)](
-                g, h, o_t, lse, c, tokens, **config)
+        launch(_attention_forward_kernel, (triton.cdiv(tokens, config["BLOCK_M"]), n), x)(
+            g, h, o_t, lse, c, tokens, **config)
     y = xa.view(n, c, tokens) + out_bias.to(acc).view(1, c, 1)
     y.baddbmm_(out_weight.to(acc).expand(n, c, c), o_t.transpose(1, 2))
     return y.view(x.shape).to(x.dtype), h, g, o_t, lse, shift, rstd
@@ -210,11 +209,10 @@ def attention_block_backward(grad_y, x, norm_weight, norm_bias, score_weight, sc
     dh_t = torch.empty_like(dg_t)
     if n * tokens > 0:
         query, key = launch_config(c, "backward_query"), launch_config(c, "backward_key")
-        with device_of(x):
-            wrap_triton(_attention_backward_query_kernel)[(triton.cdiv(tokens, query["BLOCK_M"]), n)](
-                g, h, do_t, lse, delta, dg_t, c, tokens, **query)
-            wrap_triton(_attention_backward_key_kernel)[(triton.cdiv(tokens, key["BLOCK_N"]), n)](
-                g, h, do_t, lse, delta, dh_t, c, tokens, **key)
+        launch(_attention_backward_query_kernel, (triton.cdiv(tokens, query["BLOCK_M"]), n), x)(
+            g, h, do_t, lse, delta, dg_t, c, tokens, **query)
+        launch(_attention_backward_key_kernel, (triton.cdiv(tokens, key["BLOCK_N"]), n), x)(
+            g, h, do_t, lse, delta, dh_t, c, tokens, **key)
     # through g = M h + m, then h = GN(x) and the residual
     dh = dh_t.transpose(1, 2) + torch.matmul(score_weight.to(acc).t(), dg_t.transpose(1, 2))
     d_score_weight = torch.einsum("nlc,ndl->cd", dg_t, h)  # sum over samples of dg h^T

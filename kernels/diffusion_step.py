@@ -16,8 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ddpm_fast.kernels import wrap_triton
-from ddpm_fast.kernels.layout import acc_dtype as _acc, device_of, like, runnable, sample_layout as _layout
+from ddpm_fast.kernels import launch
+from ddpm_fast.kernels.layout import acc_dtype as _acc, like, runnable, sample_layout as _layout
 
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 # Elements per program: the interpreter pays ~1 ms per program, a GPU wants a few thousand programs.
@@ -217,10 +217,9 @@ def q_sample(x0: torch.Tensor, t: torch.Tensor, coef: torch.Tensor, noise: torch
     if x0.numel():
         numel = x0.numel() // x0.shape[0]
         block = _block(numel)
-        with device_of(x0):
-            wrap_triton(_q_sample_kernel)[_grid(x0.shape[0], numel, block)](
-                x0, noise, t.contiguous(), coef.contiguous(), x_t, coef.shape[0], numel, BLOCK=block,
-                num_warps=_NUM_WARPS)
+        launch(_q_sample_kernel, _grid(x0.shape[0], numel, block), x0)(
+            x0, noise, t.contiguous(), coef.contiguous(), x_t, coef.shape[0], numel, BLOCK=block,
+            num_warps=_NUM_WARPS)
     return x_t
 
 
@@ -233,12 +232,11 @@ def q_sample_philox(x0: torch.Tensor, t: torch.Tensor, coef: torch.Tensor, sampl
     if x0.numel():
         numel, spatial, stride_b, stride_c, stride_s = _layout(x0)
         block = _block(numel)
-        with device_of(x0):
-            wrap_triton(_q_sample_philox_kernel)[_grid(x0.shape[0], numel, block)](
-                x0, t.contiguous(), coef.contiguous(), sample_index.contiguous(), counter2.contiguous(), x_t, eps,
-                coef.shape[0], seed,
-                c3, numel, spatial, stride_b, stride_c, stride_s, CONTIGUOUS=x0.is_contiguous(), BLOCK=block,
-                num_warps=_NUM_WARPS)
+        launch(_q_sample_philox_kernel, _grid(x0.shape[0], numel, block), x0)(
+            x0, t.contiguous(), coef.contiguous(), sample_index.contiguous(), counter2.contiguous(), x_t, eps,
+            coef.shape[0], seed,
+            c3, numel, spatial, stride_b, stride_c, stride_s, CONTIGUOUS=x0.is_contiguous(), BLOCK=block,
+            num_warps=_NUM_WARPS)
     return x_t, eps
 
 
@@ -255,10 +253,9 @@ def simple_loss(eps_pred: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
     block = _block(numel)
     grid = _grid(batch, numel, block)
     partial = torch.empty(grid, dtype=acc, device=eps_pred.device)
-    with device_of(eps_pred):
-        wrap_triton(_simple_loss_kernel)[grid](
-            eps_pred, eps, partial, numel, ACC=tl.float64 if acc == torch.float64 else tl.float32, BLOCK=block,
-            num_warps=_NUM_WARPS)
+    launch(_simple_loss_kernel, grid, eps_pred)(
+        eps_pred, eps, partial, numel, ACC=tl.float64 if acc == torch.float64 else tl.float32, BLOCK=block,
+        num_warps=_NUM_WARPS)
     return partial.sum(dim=1) / numel
 
 
@@ -270,9 +267,8 @@ def simple_loss_backward(grad: torch.Tensor, eps_pred: torch.Tensor, eps: torch.
     if eps_pred.numel():
         numel = eps_pred.numel() // eps_pred.shape[0]
         block = _block(numel)
-        with device_of(eps_pred):
-            wrap_triton(_simple_loss_backward_kernel)[_grid(eps_pred.shape[0], numel, block)](
-                grad.contiguous(), eps_pred, eps, grad_pred, numel, BLOCK=block, num_warps=_NUM_WARPS)
+        launch(_simple_loss_backward_kernel, _grid(eps_pred.shape[0], numel, block), eps_pred)(
+            grad.contiguous(), eps_pred, eps, grad_pred, numel, BLOCK=block, num_warps=_NUM_WARPS)
     return grad_pred
 
 
@@ -289,10 +285,9 @@ def reverse_step(x_t: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, coef: to
     if x_t.numel():
         numel, spatial, stride_b, stride_c, stride_s = _layout(x_t)
         block = _block(numel)
-        with device_of(x_t):
-            wrap_triton(_reverse_step_kernel)[_grid(x_t.shape[0], numel, block)](
-                x_t, eps, t.contiguous(), coef.contiguous(), sample_index.contiguous(), counter2.contiguous(), x_prev,
-                x0_hat if write_x0 else x_prev, nonfinite_t if nonfinite_t is not None else t, coef.shape[0], seed,
-                c3, numel, spatial, stride_b, stride_c, stride_s, CLIP=clip, WRITE_X0=write_x0,
-                FLAG=nonfinite_t is not None, CONTIGUOUS=x_t.is_contiguous(), BLOCK=block, num_warps=_NUM_WARPS)
+        launch(_reverse_step_kernel, _grid(x_t.shape[0], numel, block), x_t)(
+            x_t, eps, t.contiguous(), coef.contiguous(), sample_index.contiguous(), counter2.contiguous(), x_prev,
+            x0_hat if write_x0 else x_prev, nonfinite_t if nonfinite_t is not None else t, coef.shape[0], seed,
+            c3, numel, spatial, stride_b, stride_c, stride_s, CLIP=clip, WRITE_X0=write_x0,
+            FLAG=nonfinite_t is not None, CONTIGUOUS=x_t.is_contiguous(), BLOCK=block, num_warps=_NUM_WARPS)
     return x_prev, x0_hat

@@ -16,8 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ddpm_fast.kernels import wrap_triton
-from ddpm_fast.kernels.layout import acc_dtype, device_of, is_channels_last, like, runnable
+from ddpm_fast.kernels import launch
+from ddpm_fast.kernels.layout import acc_dtype, is_channels_last, like, runnable
 
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 # Positions per block: the interpreter pays per block, a GPU wants a few hundred threads' worth.
@@ -224,11 +224,10 @@ def group_norm_silu(x, weight, bias, add, num_groups: int, eps: float, act: bool
     rstd = torch.empty_like(shift)
     if x.numel():
         spatial, flags = _common(x, num_groups, act, dropout, acc, add)
-        with device_of(x):
-            wrap_triton(_group_norm_forward_kernel)[(x.shape[0] * num_groups,)](
-                x, y, weight, bias, add if add is not None else weight, shift, rstd, sample_index.contiguous(),
-                counter2.contiguous(), x.shape[1], spatial, num_groups, eps, seed, c3, dropout, 1.0 / (1.0 - dropout),
-                **flags)
+        launch(_group_norm_forward_kernel, (x.shape[0] * num_groups,), x)(
+            x, y, weight, bias, add if add is not None else weight, shift, rstd, sample_index.contiguous(),
+            counter2.contiguous(), x.shape[1], spatial, num_groups, eps, seed, c3, dropout, 1.0 / (1.0 - dropout),
+            **flags)
     else:  # no statistics: zeros, not garbage
         shift.zero_()
         rstd.zero_()
@@ -248,10 +247,9 @@ def group_norm_silu_backward(grad_y, x, weight, bias, add, shift, rstd, num_grou
     dadd = torch.zeros_like(dw) if add is not None else None
     if x.numel():
         spatial, flags = _common(x, num_groups, act, dropout, acc, add)
-        with device_of(x):
-            wrap_triton(_group_norm_backward_kernel)[(x.shape[0] * num_groups,)](
-                dy, x, dx, weight, bias, add if add is not None else weight, shift.contiguous(), rstd.contiguous(),
-                sample_index.contiguous(), counter2.contiguous(), dw, db, dadd if add is not None else dw, x.shape[1],
-                spatial, num_groups, seed, c3, dropout, 1.0 / (1.0 - dropout), **flags)
+        launch(_group_norm_backward_kernel, (x.shape[0] * num_groups,), x)(
+            dy, x, dx, weight, bias, add if add is not None else weight, shift.contiguous(), rstd.contiguous(),
+            sample_index.contiguous(), counter2.contiguous(), dw, db, dadd if add is not None else dw, x.shape[1],
+            spatial, num_groups, seed, c3, dropout, 1.0 / (1.0 - dropout), **flags)
     return (dx, dw.sum(0).to(weight_dtype), db.sum(0).to(bias_dtype),
             dadd.to(add_dtype) if add is not None else x.new_empty(0))

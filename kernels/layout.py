@@ -4,8 +4,6 @@ csrc/cpu/diffusion_step.cpp, and the fake impls in ddpm_fast/ops use these to pr
 A tensor is run in its own layout if it is contiguous or channels_last; anything else is copied to contiguous. The
 other inputs of an op are brought to the first input's layout, and outputs take it.
 """
-import contextlib
-
 import torch
 
 
@@ -37,9 +35,3 @@ def sample_layout(x: torch.Tensor) -> tuple[int, int, int, int, int]:
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """The accumulation (and output) dtype for inputs of `dtype`: float64 for float64, else float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def device_of(x: torch.Tensor):
-    """Where a Triton launch must run: Triton launches on the current CUDA device, which need not be x's (a model on
-    cuda:1 in a process whose current device is cuda:0); a no-op for CPU tensors (the interpreter)."""
-    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()

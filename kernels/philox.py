@@ -9,8 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ddpm_fast.kernels import wrap_triton
-from ddpm_fast.kernels.layout import device_of
+from ddpm_fast.kernels import launch
 
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 # Counters per program: the interpreter pays ~1 ms per program, a GPU wants many small ones.
@@ -79,8 +78,7 @@ def philox(counter: torch.Tensor, seed: int) -> torch.Tensor:
     n = counter.shape[0]
     if n:
         block = min(_MAX_BLOCK, triton.next_power_of_2(n))
-        with device_of(counter):
-            wrap_triton(_philox_kernel)[(triton.cdiv(n, block),)](counter, words, n, seed, BLOCK=block)
+        launch(_philox_kernel, (triton.cdiv(n, block),), counter)(counter, words, n, seed, BLOCK=block)
     return words
 
 
@@ -95,7 +93,6 @@ def philox_normal(sample_index: torch.Tensor, counter2: torch.Tensor, seed: int,
     quads = (numel + 3) // 4
     block = min(_MAX_BLOCK, triton.next_power_of_2(quads))
     if batch:
-        with device_of(sample_index):
-            wrap_triton(_philox_normal_kernel)[(batch, triton.cdiv(quads, block))](
-                out, sample_index.contiguous(), counter2.contiguous(), seed, c3, numel, BLOCK=block)
+        launch(_philox_normal_kernel, (batch, triton.cdiv(quads, block)), sample_index)(
+            out, sample_index.contiguous(), counter2.contiguous(), seed, c3, numel, BLOCK=block)
     return out
