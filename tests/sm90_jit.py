@@ -2,12 +2,12 @@
 
 Run as a program (tests/test_sm90_jit.py does, once per Triton version): `python tests/sm90_jit.py [--only NAME]`
 prints one JSON object. It runs the public API (sample, train, nll, p_sample, q_sample, the Philox draws, the attention
-block forward and backward) on CPU tensors with every op on its Triton backend, and every Triton launch goes through Triton's own JITFunction.run with
-warmup=True under a stand-in driver that reports an sm_90 target: the JIT binds the real arguments, specialises
-them as it would on the GPU (an int equal to 1 becomes a constexpr, ints and pointers divisible by 16 are marked),
-compiles Triton -> TTIR -> TTGIR -> PTX -> cubin (ptxas) and launches nothing. Each distinct compiled kernel is
-reported with its specialisation and its resources: registers and stack bytes from the cubin (cuobjdump), spill
-bytes from Triton's own ptxas -v log of it, shared memory from the compiler's metadata.
+block forward and backward) on CPU tensors with every op on its Triton backend, and every Triton launch goes through
+Triton's own JITFunction.run with warmup=True under a stand-in driver that reports an sm_90 target: the JIT binds the
+real arguments, specialises them as it would on the GPU (an int equal to 1 becomes a constexpr, ints and pointers
+divisible by 16 are marked), compiles Triton -> TTIR -> TTGIR -> PTX -> cubin (ptxas) and launches nothing. Each
+distinct compiled kernel is reported with its specialisation and its resources: registers and stack bytes from the
+cubin (cuobjdump), spill bytes from Triton's own ptxas -v log of it, shared memory from the compiler's metadata.
 
 Since nothing launches, a kernel's outputs are whatever memory held: the stand-in launch zeroes every floating
 tensor argument, so that the run downstream stays finite (a NaN check or a non-finite loss would otherwise stop a
@@ -250,7 +250,11 @@ def _model(preset, channels_last=False, dropout=None):
     return _MODELS[key]
 
 
-PRESET_CHANNELS = {"digits": 64, "small": 64, "cifar10": 256}  # the widest attention block of each
+def _widest(preset: str) -> int:
+    """The preset's widest feature map (ch x the largest multiplier): a bound on its attention blocks' width."""
+    from ddpm_fast.unet import PRESETS
+    return PRESETS[preset]["ch"] * max(PRESETS[preset]["ch_mult"])
+
 
 
 def _sample_workloads():
@@ -268,26 +272,26 @@ def _sample_workloads():
                             ddpm_fast.sample(_model(preset, channels_last), batch, sampler=sampler,
                                              steps=50 if sampler == "ddim" else None, seed=seed, progress=False,
                                              network_dtype=torch.bfloat16)
-                        workload(name, PRESET_CHANNELS[preset], {"_reverse_step_kernel": STEPS_SEEN})(run)
+                        workload(name, _widest(preset), {"_reverse_step_kernel": STEPS_SEEN})(run)
     # float32 networks (network_dtype=torch.float32): the kernels' float32 inputs
     for preset in ("digits", "cifar10"):
         def run_fp32(preset=preset):
             ddpm_fast.sample(_model(preset), 16, progress=False, network_dtype=torch.float32)
-        workload(f"sample-{preset}-contiguous-ddpm-n16-seed0-float32", PRESET_CHANNELS[preset],
+        workload(f"sample-{preset}-contiguous-ddpm-n16-seed0-float32", _widest(preset),
                  {"_reverse_step_kernel": STEPS_SEEN})(run_fp32)
 
     # the truncation's witnesses: a run of 100 steps whole, and the same run stopped after STEPS_SEEN steps
     for n, (whole, first) in zip((16, 1), WITNESSES):
         def witness(n=n):
             ddpm_fast.sample(_model("digits"), n, steps=100, progress=False, network_dtype=torch.bfloat16)
-        workload(whole, 64)(witness)
-        workload(first, 64, {"_reverse_step_kernel": STEPS_SEEN})(witness)
+        workload(whole, _widest("digits"))(witness)
+        workload(first, _widest("digits"), {"_reverse_step_kernel": STEPS_SEEN})(witness)
 
     # several batches, whole: batch b's NaN flag is a view at 8 b bytes into the run's (its pointer's alignment)
     for preset in ("digits", "small", "cifar10"):
         def batches(preset=preset):
             ddpm_fast.sample(_model(preset), 3, batch_size=1, steps=2, progress=False, network_dtype=torch.bfloat16)
-        workload(f"sample-{preset}-3-batches-of-1", PRESET_CHANNELS[preset])(batches)
+        workload(f"sample-{preset}-3-batches-of-1", _widest(preset))(batches)
 
 
 def _train_workloads():
@@ -305,13 +309,13 @@ def _train_workloads():
                                          generator=torch.Generator().manual_seed(0)).numpy()
                     ddpm_fast.train(model, data, steps=1, batch_size=batch, precision=precision, progress=False,
                                     warmup=1)
-                workload(f"train-{preset}-dropout{dropout}-{precision}-batch{batch}", PRESET_CHANNELS[preset])(run)
+                workload(f"train-{preset}-dropout{dropout}-{precision}-batch{batch}", _widest(preset))(run)
 
 
 def _nll_workloads():
     import ddpm_fast
 
-    @workload("nll-digits", 64, {"_q_sample_philox_kernel": 2})  # every t launches the same kernels
+    @workload("nll-digits", _widest("digits"), {"_q_sample_philox_kernel": 2})  # every t launches the same kernels
     def run():
         data = torch.randint(0, 256, (3, 8, 8, 1), dtype=torch.uint8,
                              generator=torch.Generator().manual_seed(0)).numpy()
@@ -321,7 +325,7 @@ def _nll_workloads():
 def _p_sample_workloads():
     import ddpm_fast
     for preset in ("digits", "cifar10"):
-        @workload(f"p_sample-{preset}", PRESET_CHANNELS[preset])  # one public reverse step: no NaN flag
+        @workload(f"p_sample-{preset}", _widest(preset))  # one public reverse step: no NaN flag
         def run(preset=preset):
             model = _model(preset)
             x = torch.randn(2, model.in_channels, model.image_size, model.image_size)
@@ -336,7 +340,7 @@ def _q_sample_workloads():
                 name = (f"q_sample-given-noise-{preset}-{str(dtype).removeprefix('torch.')}"
                         f"-{'channels_last' if channels_last else 'contiguous'}")
 
-                @workload(name, PRESET_CHANNELS[preset])
+                @workload(name, _widest(preset))
                 def run(preset=preset, dtype=dtype, channels_last=channels_last):
                     model = _model(preset)
                     shape = (4, model.in_channels, model.image_size, model.image_size)

@@ -270,10 +270,11 @@ std::tuple<at::Tensor, at::Tensor> reverse_step_cpu(const at::Tensor& x_t_in, co
             _Pragma("omp simd reduction(+ : probe)")
             for (int64_t j = 0; j < count; ++j) probe += out[base + j] * acc_t(0);
           }
-        } else {
-          for (int64_t j = 0; j < count; ++j) element(element_offset(layout, b, e0 + j), z[j]);
-          if (flag != nullptr) {
-            for (int64_t j = 0; j < count; ++j) probe += out[element_offset(layout, b, e0 + j)] * acc_t(0);
+        } else {  // (a scalar loop: the probe folds in at no cost)
+          for (int64_t j = 0; j < count; ++j) {
+            const int64_t off = element_offset(layout, b, e0 + j);
+            element(off, z[j]);
+            if (flag != nullptr) probe += out[off] * acc_t(0);
           }
         }
         if (flag != nullptr && !finite_value(probe)) {
