@@ -1,7 +1,8 @@
 """The U-Net's attention block: the fused op (folded weights, scores one tile at a time; C++ on the CPU, Triton on a
 GPU) against the paper's block in eager PyTorch (ops/attention.py's reference: (L x L) scores of every sample, four
 C x C x L products), its torch.compile, and the block written on F.scaled_dot_product_attention; forward (no grad)
-and forward + backward, at the cifar10 preset's attention shapes: batch 64, C = 256, 16x16 and 8x8 tokens; float32.
+and forward + backward, at the cifar10 preset's attention shapes: batch 16 (--bench-full: 64), C = 256, 16x16 and 8x8
+tokens; float32.
 
 Run: pytest bench/bench_attention.py --benchmark-only --benchmark-columns=min,median,max,rounds
 (bench/conftest.py then prints GFLOP/s of each variant = extra_info["flops"] / median, the speed-ups over eager,
@@ -23,12 +24,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from benchutil import DEVICE, GPU, random_unet, shape_name, sync, timed
+from benchutil import DEVICE, GPU, pick, random_unet, shape_name, sync, timed
 from ddpm_fast import memory
 from ddpm_fast.ops import attention
 
 GROUPS, EPS = 32, 1e-6
-SHAPES = [(64, 256, 16, 16), (64, 256, 8, 8)]
+SHAPES = pick([(16, 256, 16, 16), (16, 256, 8, 8)], [(64, 256, 16, 16), (64, 256, 8, 8)])
 CI_BATCH = 2
 
 
@@ -101,7 +102,7 @@ def _shape(benchmark, shape):
     return (CI_BATCH,) + shape[1:] if benchmark.disabled else shape
 
 
-@pytest.mark.benchmark(max_time=1.0)
+@pytest.mark.benchmark(max_time=pick(0.3, 1.0))
 @pytest.mark.parametrize("shape", SHAPES, ids=[shape_name(s) for s in SHAPES])
 @pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("variant", ["eager", "compiled", "sdpa", "ours"])

@@ -1,5 +1,6 @@
 """The fused per-step ops (reverse step, forward noising, L_simple) against eager PyTorch as users write it, its
-torch.compile, and a tensor copy of the same size (the memory floor), at 64x3x32x32 and 256x3x64x64 float32.
+torch.compile, and a tensor copy of the same size (the memory floor), at 64x3x32x32 (--bench-full: and 256x3x64x64)
+float32.
 
 Run: pytest bench/bench_diffusion_step.py --benchmark-only --benchmark-columns=min,median,max,rounds
 (bench/conftest.py then prints GB/s of each of our ops = extra_info["bytes"] / median, its fraction of the copy's
@@ -17,10 +18,10 @@ import pytest
 import torch
 
 import ddpm_fast
-from benchutil import DEVICE, GPU, shape_name, sync, timed
+from benchutil import DEVICE, GPU, max_time, pick, shape_name, sync, timed
 from ddpm_fast.ops import diffusion_step, philox
 
-SIZES = [(64, 3, 32, 32), (256, 3, 64, 64)]
+SIZES = pick([(64, 3, 32, 32)], [(64, 3, 32, 32), (256, 3, 64, 64)])  # (the large: --bench-full)
 SMALL = SIZES[0]
 T_STEP = 500  # every sample at t = 500: all noisy, the usual case of the loop
 SEED = 0
@@ -155,7 +156,6 @@ OPS = {
 }
 BACKENDS = ["cpp", "triton", "reference"]
 SIZE_IDS = [shape_name(s) for s in SIZES]
-# max_time 0.5 s a bench gives enough rounds for a median and keeps the file within ~3 minutes on 2 CPU cores
 per_op = pytest.mark.parametrize("op", list(OPS))
 per_size = pytest.mark.parametrize("size", SIZES, ids=SIZE_IDS)
 
@@ -183,7 +183,7 @@ def compiled():
     return get
 
 
-@pytest.mark.benchmark(max_time=0.5)
+@pytest.mark.benchmark(max_time=max_time())
 @per_size
 @per_op
 def bench_eager(benchmark, op, size):
@@ -193,7 +193,7 @@ def bench_eager(benchmark, op, size):
     timed(benchmark, f"{op} {shape_name(size)}", run, "eager")
 
 
-@pytest.mark.benchmark(max_time=0.5)
+@pytest.mark.benchmark(max_time=max_time())
 @per_size
 @per_op
 def bench_compiled(benchmark, compiled, op, size):
@@ -205,7 +205,7 @@ def bench_compiled(benchmark, compiled, op, size):
     timed(benchmark, f"{op} {shape_name(size)}", run, "compiled")
 
 
-@pytest.mark.benchmark(max_time=0.5)
+@pytest.mark.benchmark(max_time=max_time())
 @pytest.mark.parametrize("backend", BACKENDS)
 @per_size
 @per_op
@@ -218,7 +218,7 @@ def bench_ours(benchmark, op, size, backend):
     timed(benchmark, f"{op} {shape_name(size)}", run, "ours", nbytes=spec["bytes"] * inp.x.numel(), backend=backend)
 
 
-@pytest.mark.benchmark(max_time=0.5)
+@pytest.mark.benchmark(max_time=max_time())
 @per_size
 @per_op
 def bench_copy(benchmark, op, size):
@@ -237,7 +237,7 @@ EPS_GROUP = "loss eps: redraw vs stored {}"
 EPS_BACKENDS = ["cpp"] + (["triton"] if GPU else [])
 
 
-@pytest.mark.benchmark(max_time=0.5)
+@pytest.mark.benchmark(max_time=max_time())
 @pytest.mark.parametrize("backend", EPS_BACKENDS)
 @per_size
 def bench_eps_redraw(benchmark, size, backend):
@@ -250,7 +250,7 @@ def bench_eps_redraw(benchmark, size, backend):
     timed(benchmark, EPS_GROUP.format(shape_name(size)), run, "redraw", nbytes=4 * inp.x.numel(), backend=backend)
 
 
-@pytest.mark.benchmark(max_time=0.5)
+@pytest.mark.benchmark(max_time=max_time())
 @pytest.mark.parametrize("backend", EPS_BACKENDS)
 @per_size
 def bench_eps_stored_loss(benchmark, size, backend):
@@ -263,7 +263,7 @@ def bench_eps_stored_loss(benchmark, size, backend):
     timed(benchmark, EPS_GROUP.format(shape_name(size)), run, "stored", nbytes=8 * inp.x.numel(), backend=backend)
 
 
-@pytest.mark.benchmark(max_time=0.5)
+@pytest.mark.benchmark(max_time=max_time())
 @per_size
 def bench_eps_copy(benchmark, size):
     inp = inputs(size)

@@ -6,14 +6,14 @@ Box-Muller per four normals). Baseline: torch.randn of the same shape (a differe
 import pytest
 import torch
 
-from benchutil import DEVICE, GPU, sync
+from benchutil import DEVICE, GPU, max_time, sync
 from ddpm_fast.ops import philox
 
 BATCH, SHAPE = 64, (3, 32, 32)
 BACKENDS = ["reference", "cpp"] + (["triton"] if GPU else [])
 
 
-@pytest.mark.benchmark(group="philox_normal 64x3x32x32")
+@pytest.mark.benchmark(group="philox_normal 64x3x32x32", max_time=max_time())
 def bench_torch_randn(benchmark):
     def run():
         torch.randn(BATCH, *SHAPE, device=DEVICE)
@@ -22,7 +22,7 @@ def bench_torch_randn(benchmark):
     benchmark(run)
 
 
-@pytest.mark.benchmark(group="philox_normal 64x3x32x32")
+@pytest.mark.benchmark(group="philox_normal 64x3x32x32", max_time=max_time())
 @pytest.mark.parametrize("backend", BACKENDS)
 def bench_philox_randn(benchmark, backend):
     index = torch.arange(BATCH, device=DEVICE)

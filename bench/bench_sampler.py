@@ -1,22 +1,26 @@
 """The whole sampler, end to end: the eager loop as diffusers / improved-diffusion write it (their network: torch's
 GroupNorm and SiLU, 1x1-conv attention with the scores held; then ~8 elementwise ops and a torch.randn per step:
-bench/baselines.py), torch.compile of that loop's step, and ddpm_fast.sample, on the same weights.
+bench/baselines.py), torch.compile of that loop's step (inductor with freezing: the weights folded in, as for CPU
+inference), and ddpm_fast.sample, on the same weights, with the network in float32 and in bf16 (autocast for the
+eager loop and its compile; ours: network_dtype=torch.bfloat16, the state float32 in all).
 
-CPU: the small preset at batch 16 (50 respaced steps) and the cifar10 preset at batch 4 (5 steps), each contender
-with contiguous tensors and with channels_last (the network's weights and the state: what a layout change gives each).
+CPU: the digits preset at batch 64 and the small preset at batch 16 (20 respaced steps; --bench-full: 50), and the
+cifar10 preset at batch 16 (2 steps; --bench-full: 5), contiguous tensors (--bench-full: also channels_last, the
+network's weights and the state: what a layout change gives each). torch.compile only for cifar10 in bf16 in the
+quick suite (a cold compile of the network takes ~1 minute on 2 CPU cores); --bench-full compiles every contender.
 A step costs the same whatever the schedule's length (one network call and one update), so images/s for the paper's
-1000 steps = batch / (1000 x the median time per step); bench/conftest.py prints that table. GPU (bench/gpu_check.sh):
-the cifar10 preset at batch 256, network in bf16 autocast for all (the state float32), 50 steps; ours with and
-without CUDA graphs (each sample() call of ours includes its memory probe, warm-up and capture).
+1000 steps = batch / (1000 x the median time per step); bench/conftest.py prints that table. GPU
+(bench/gpu_check.sh): the cifar10 preset at batch 256, bf16, 50 steps; ours with and without CUDA graphs (each
+sample() call of ours includes its memory probe, warm-up and capture).
 
 Bytes and FLOPs: a step is one network call (the small preset: 2.83 GFLOP of convolutions and linear layers at
 batch 16; cifar10: 11.4 GFLOP per image) plus the update, which moves ~5 x 4 bytes per pixel (x_t, eps read; x_{t-1}
 written; eager: ~10 passes). The network dominates: what a sampler can win is the time outside the convolutions,
-which the eager bench measures (extra_info conv_share, on the CPU: the share of the eager network's time inside
-Conv2d modules, timed by forward hooks in one untimed call).
+which the eager bench measures (extra_info conv_share, on the CPU: the share of the eager float32 network's time
+inside Conv2d modules, timed by forward hooks in one untimed call), and what bf16 wins inside them.
 
 Under --benchmark-disable (CI) every bench runs once at batch 2 and 2 steps, and torch.compile only for the small
-preset in its contiguous layout (a cold compile of the network takes ~50 s on 2 CPU cores).
+preset in float32, contiguous.
 """
 import time
 
@@ -25,20 +29,23 @@ import torch
 
 import ddpm_fast
 from baselines import eager_copy, eager_loop, eager_step
-from benchutil import DEVICE, GPU, random_unet, sync, timed_rounds
+from benchutil import DEVICE, GPU, pick, random_unet, sync, timed_rounds
 
 if GPU:
     PRESETS = {"cifar10": dict(n=256, steps=50)}  # (each call of ours warms up and captures: 2 steps + a capture)
     LAYOUTS = {"contiguous": torch.contiguous_format}
-    DTYPE = torch.bfloat16
+    DTYPES = {"bf16": torch.bfloat16}
 else:
-    PRESETS = {"small": dict(n=16, steps=50), "cifar10": dict(n=4, steps=5)}
-    LAYOUTS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
-    DTYPE = torch.float32
+    PRESETS = {"digits": dict(n=64, steps=pick(20, 50)), "small": dict(n=16, steps=pick(20, 50)),
+               "cifar10": dict(n=16, steps=pick(2, 5))}
+    LAYOUTS = pick({"contiguous": torch.contiguous_format},
+                   {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last})
+    DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 CI = dict(n=2, steps=2)
 
 per_preset = pytest.mark.parametrize("preset", list(PRESETS))
 per_layout = pytest.mark.parametrize("layout", list(LAYOUTS))
+per_dtype = pytest.mark.parametrize("dtype", list(DTYPES))
 
 
 def sizes(benchmark, preset):
@@ -46,8 +53,12 @@ def sizes(benchmark, preset):
 
 
 def _group(preset, layout, n, steps):
-    dtype = "bf16" if DTYPE == torch.bfloat16 else "fp32"
-    return f"sampler {preset} x{n} {dtype}, {steps} steps, {layout}"
+    return f"sampler {preset} x{n}, {steps} steps, {layout}"
+
+
+def _role(role, dtype):
+    """The row's name in its group: "eager", "compiled", "ours" for float32, with " bf16" for a bf16 network."""
+    return role if dtype == "fp32" else f"{role} bf16"
 
 
 _networks = {}
@@ -94,34 +105,48 @@ def _time(benchmark, group, run, role, n, steps, **info):
     timed_rounds(benchmark, group, run, role=role, images=n, steps=steps, **info)
 
 
-def _autocast():
-    return torch.autocast(DEVICE.type, dtype=DTYPE, enabled=DTYPE != torch.float32)
+def _autocast(dtype):
+    return torch.autocast(DEVICE.type, dtype=DTYPES[dtype], enabled=dtype != "fp32")
 
 
 @per_preset
 @per_layout
-def bench_eager(benchmark, preset, layout):
+@per_dtype
+def bench_eager(benchmark, preset, layout, dtype):
     size = sizes(benchmark, preset)
     net = network(preset, layout)
     model = eager_copy(net)
     diffusion = ddpm_fast.Diffusion().respace(size["steps"])
     info = {}
-    if not GPU:
+    if not GPU and dtype == "fp32":
         x = torch.randn(size["n"], *_shape(net)).contiguous(memory_format=LAYOUTS[layout])
         info["conv_share"] = conv_share(model, x, torch.full((size["n"],), 500))
 
     def run():
-        with torch.inference_mode(), _autocast():
+        with torch.inference_mode(), _autocast(dtype):
             eager_loop(model, diffusion, size["n"], _shape(net), DEVICE, memory_format=LAYOUTS[layout])
 
-    _time(benchmark, _group(preset, layout, **size), run, "eager", **size, **info)
+    _time(benchmark, _group(preset, layout, **size), run, _role("eager", dtype), **size, **info)
+
+
+def _compiled_here(benchmark, preset, layout, dtype) -> str | None:
+    """Why this compiled contender is not run (None: it is): CI compiles the small preset in float32 only; the quick
+    suite cifar10 in bf16 only (the issue's peer: what a CPU user would pick); --bench-full every one."""
+    if benchmark.disabled:
+        ok = (preset, layout, dtype) == ("small", "contiguous", "fp32")
+        return None if ok else "under --benchmark-disable torch.compile runs for small, contiguous, fp32 only"
+    if not pick(GPU or (preset, dtype) == ("cifar10", "bf16"), True):
+        return "the quick suite compiles cifar10 in bf16 only (--bench-full compiles every contender)"
+    return None
 
 
 @per_preset
 @per_layout
-def bench_compiled(benchmark, preset, layout):
-    if benchmark.disabled and (preset, layout) != ("small", "contiguous"):
-        pytest.skip("under --benchmark-disable torch.compile runs for the small preset, contiguous, only")
+@per_dtype
+def bench_compiled(benchmark, preset, layout, dtype):
+    reason = _compiled_here(benchmark, preset, layout, dtype)
+    if reason:
+        pytest.skip(reason)
     size = sizes(benchmark, preset)
     net = network(preset, layout)
     model = eager_copy(net)
@@ -130,39 +155,44 @@ def bench_compiled(benchmark, preset, layout):
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
 
     def run():
-        with torch.inference_mode(), _autocast():
+        with torch.inference_mode(), _autocast(dtype), torch._inductor.config.patch(freezing=True):
             eager_loop(model, diffusion, size["n"], _shape(net), DEVICE, step=step, memory_format=LAYOUTS[layout])
 
     run()  # the compile, outside the timing
     sync()
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > graphs, "torch.compile made no graph"
-    _time(benchmark, _group(preset, layout, **size), run, "compiled", **size)
+    _time(benchmark, _group(preset, layout, **size), run, _role("compiled", dtype), **size)
 
 
 @per_preset
 @per_layout
+@per_dtype
 @pytest.mark.parametrize("cuda_graph", [True, False] if GPU else [False], ids=lambda g: "graph" if g else "loop")
-def bench_ours(benchmark, preset, layout, cuda_graph):
+def bench_ours(benchmark, preset, layout, dtype, cuda_graph):
     size = sizes(benchmark, preset)
     net = network(preset, layout)
     info = {}
-    if not GPU:
+    if not GPU and dtype == "fp32":
         x = torch.randn(size["n"], *_shape(net)).contiguous(memory_format=LAYOUTS[layout])
         info["conv_share"] = conv_share(net, x, torch.full((size["n"],), 500))
 
     def run():
         ddpm_fast.sample(net, size["n"], steps=size["steps"], progress=False, cuda_graph=cuda_graph,
-                         network_dtype=DTYPE)
+                         network_dtype=DTYPES[dtype])
 
-    _time(benchmark, _group(preset, layout, **size), run, "ours" if cuda_graph or not GPU else "ours (no graph)",
-          **size, **info)
+    role = _role("ours", dtype) + ("" if cuda_graph or not GPU else " (no graph)")
+    _time(benchmark, _group(preset, layout, **size), run, role, **size, **info)
 
 
 @pytest.mark.parametrize("out_format", [None, "png", "npz"], ids=lambda f: f"streamed-{f}" if f else "in-memory")
 def bench_streaming(benchmark, tmp_path, out_format):
     """sample(out=) against the same run in memory: two batches, so that the writer thread's files overlap the
-    second batch's sampling (the issue's bar: streaming costs < 5% of images/s). Each round writes a fresh folder."""
+    second batch's sampling (the issue's bar: streaming costs < 5% of images/s). Each round writes a fresh folder.
+    --bench-full only (not a comparison with eager PyTorch)."""
+    if not pick(benchmark.disabled, True):
+        pytest.skip("streaming: --bench-full only")
     preset = "cifar10" if GPU else "small"
+    dtype = next(iter(DTYPES.values()))
     size = sizes(benchmark, preset)
     batch = max(size["n"] // 2, 1)
     net = network(preset, "contiguous")
@@ -170,7 +200,7 @@ def bench_streaming(benchmark, tmp_path, out_format):
 
     def run():
         out = None if out_format is None else tmp_path / f"round{next(rounds)}"
-        ddpm_fast.sample(net, size["n"], batch_size=batch, steps=size["steps"], progress=False, network_dtype=DTYPE,
+        ddpm_fast.sample(net, size["n"], batch_size=batch, steps=size["steps"], progress=False, network_dtype=dtype,
                          out=out, out_format=out_format or "png")
 
     role = "ours" if out_format is None else f"ours, streamed to {out_format}"

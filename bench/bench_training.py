@@ -3,10 +3,12 @@ the norm clip, Adam, the EMA) as improved-diffusion writes it in eager PyTorch (
 SiLU and dropout, attention on 1x1 convs, F.conv2d), the same step with its network under torch.compile, and ours
 (ddpm_fast.Trainer: keyed draws, the fused noising, loss, GroupNorm + dropout and attention ops, foreach EMA).
 
-CPU: the small preset at batch 64 and the cifar10 preset at batch 8, float32; GPU (bench/gpu_check.sh): the cifar10
+CPU: the small preset at batch 64 and the cifar10 preset at batch 8, float32, and ours also under bf16 autocast
+(precision="bfloat16": the same fused kernels in bf16; no target, the rate against float32); torch.compile under
+--bench-full only (a cold compile of the backward takes minutes on 2 cores). GPU (bench/gpu_check.sh): the cifar10
 preset at batch 128 under bf16 autocast, eager and ours (a cold compile of the training graph does not fit its time
 cap). Each round times `STEPS` optimizer steps. Under --benchmark-disable (CI) each bench runs one step at batch 4,
-and torch.compile not at all (a cold compile of the backward takes minutes on 2 cores).
+and torch.compile not at all.
 
 FLOPs: a training step is ~3x a forward (the backward twice the forward's): the small preset 3 x 11.3 GFLOP at
 batch 64, cifar10 3 x 91 GFLOP at batch 8 (the convolutions and linear layers; bench_sampler.py's per-image counts).
@@ -16,7 +18,7 @@ import torch
 
 import ddpm_fast
 from baselines import eager_copy, eager_train_step
-from benchutil import DEVICE, GPU, random_unet, timed_rounds
+from benchutil import DEVICE, GPU, pick, random_unet, timed_rounds
 
 if GPU:
     SIZES = {"cifar10": 128}
@@ -24,7 +26,7 @@ if GPU:
 else:
     SIZES = {"small": 64, "cifar10": 8}
     DTYPE = torch.float32
-STEPS = 3
+STEPS = pick(2, 3)
 CI_BATCH = 4
 per_preset = pytest.mark.parametrize("preset", list(SIZES))
 
@@ -68,19 +70,20 @@ def bench_train_eager(benchmark, preset):
 
 @per_preset
 def bench_train_compiled(benchmark, preset):
-    if benchmark.disabled or GPU:
-        pytest.skip("torch.compile of the training step: CPU timing runs only (minutes of cold compile)")
+    if benchmark.disabled or GPU or not pick(False, True):
+        pytest.skip("torch.compile of the training step: CPU, --bench-full only (minutes of cold compile)")
     _eager(benchmark, preset, compiled=True)
 
 
 @per_preset
-def bench_train_ours(benchmark, preset):
+@pytest.mark.parametrize("precision", ["auto"] if GPU else ["float32", "bfloat16"])
+def bench_train_ours(benchmark, preset, precision):
     batch, steps = (CI_BATCH, 1) if benchmark.disabled else (SIZES[preset], STEPS)
     net = random_unet(preset).train()
     trainer = ddpm_fast.Trainer(net, _data(net, batch), steps=10**9, batch_size=batch, progress=False,
-                                log_every=10**9, checkpoint_every=10**9, device=DEVICE)
+                                log_every=10**9, checkpoint_every=10**9, device=DEVICE, precision=precision)
 
     def run():
         trainer.run(until=trainer.step + steps)
 
-    _time(benchmark, preset, batch, "ours", run, steps)
+    _time(benchmark, preset, batch, "ours bf16" if precision == "bfloat16" else "ours", run, steps)

@@ -4,6 +4,20 @@ import torch
 # Triton is timed on a GPU only: under the CPU interpreter its times mean nothing.
 GPU = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if GPU else "cpu")
+# The suite's length: quick (the default: every comparison once, at the shapes that matter, with short rounds; under
+# 10 minutes on 2 CPU cores) or full (--bench-full: every shape, size and layout, torch.compile everywhere it is
+# compared, longer rounds). bench/conftest.py sets it from the command line before the bench modules are imported.
+FULL = False
+
+
+def pick(quick, full):
+    """`full` under --bench-full, else `quick` (read when a bench module is imported)."""
+    return full if FULL else quick
+
+
+def max_time():
+    """pytest-benchmark's max_time for the per-op benches: enough rounds for a median."""
+    return pick(0.15, 0.5)
 
 
 def sync():
@@ -34,8 +48,9 @@ def timed(benchmark, group, run, role, nbytes=None, backend=None):
 
 def timed_rounds(benchmark, group, run, **info):
     """Times whole runs of run() (a sampler call, some training steps) with the device synchronised: one untimed
-    first call (first touch: the allocator, oneDNN primitives, packed weights, Triton and cuBLAS choices), then 5 rounds; under --benchmark-disable one call. `info` goes to
-    extra_info (role, images, steps, ... for the tables in bench/conftest.py)."""
+    first call (first touch: the allocator, oneDNN primitives, packed weights, Triton and cuBLAS choices), then 3
+    rounds (5 under --bench-full); under --benchmark-disable one call. `info` goes to extra_info (role, images,
+    steps, ... for the tables in bench/conftest.py)."""
     benchmark.group = group
     benchmark.extra_info.update(info)
 
@@ -45,7 +60,7 @@ def timed_rounds(benchmark, group, run, **info):
 
     if not benchmark.disabled:
         run_synced()
-    benchmark.pedantic(run_synced, rounds=1 if benchmark.disabled else 5, warmup_rounds=0)
+    benchmark.pedantic(run_synced, rounds=1 if benchmark.disabled else pick(3, 5), warmup_rounds=0)
 
 
 def random_unet(preset: str, device=DEVICE):

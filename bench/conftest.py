@@ -1,5 +1,7 @@
 """Benchmarks: every op and the sampler against eager PyTorch, timed in the same run (medians).
-Run: pytest bench/ --benchmark-only [--benchmark-columns=median,iqr,ops]."""
+Run: pytest bench/ --benchmark-only [--benchmark-columns=median,iqr,ops] (the quick suite, under 10 minutes on 2 CPU
+cores), or with --bench-full (every shape, size and layout, longer rounds: the precise, long version). Either ends with
+one summary table of ratios (summary_rows)."""
 import os
 import sys
 from pathlib import Path
@@ -14,6 +16,24 @@ sys.path = [p for p in sys.path if Path(p or ".").resolve() != REPO]  # the inst
 # the benches time Triton on a GPU only. Must precede the first import of ddpm_fast.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def pytest_addoption(parser):
+    parser.addoption("--bench-full", action="store_true", default=False,
+                     help="ddpm_fast benches: every shape, size and layout, torch.compile everywhere it is compared, "
+                          "longer rounds (the default is the quick suite)")
+
+
+def pytest_configure(config):
+    import benchutil  # (bench/ is on sys.path: pytest put it there to import this file)
+
+    benchutil.FULL = config.getoption("bench_full")
+
+
+def benchutil_full() -> bool:
+    import benchutil
+
+    return benchutil.FULL
 
 
 def bandwidth_rows(benchmarks):
@@ -66,7 +86,8 @@ def flops_rows(benchmarks):
 
 def _by_group(benchmarks, key):
     """{group: [(bench, median of the group's eager / this, median of its compiled / this)]} for the benchmarks
-    whose extra_info has `key`; None where the group has no such baseline."""
+    whose extra_info has `key` (eager: the float32 one where the group has it; compiled: the row's own precision,
+    as summary_rows); None where the group has no such baseline."""
     groups = {}
     for bench in benchmarks:
         if bench.stats and bench.stats.rounds and key in bench.extra_info:
@@ -74,8 +95,13 @@ def _by_group(benchmarks, key):
     out = {}
     for group, members in groups.items():
         by_role = {b.extra_info["role"]: b.stats.median for b in members}
-        out[group] = [(b, *(by_role[r] / b.stats.median if r in by_role else None for r in ("eager", "compiled")))
-                      for b in members]
+        rows = []
+        for b in members:
+            bf16 = b.extra_info["role"].endswith(" bf16")
+            eager = by_role.get("eager", by_role.get("eager bf16"))
+            compiled = by_role.get("compiled bf16" if bf16 else "compiled")
+            rows.append((b, *(None if base is None else base / b.stats.median for base in (eager, compiled))))
+        out[group] = rows
     return out
 
 
@@ -101,6 +127,41 @@ def training_rows(benchmarks):
             rate = bench.extra_info["train_steps"] / bench.stats.median
             rows.append((group, bench.extra_info["role"], rate, rate * bench.extra_info["batch"], vs_eager,
                          vs_compiled))
+    return rows
+
+
+def summary_rows(benchmarks):
+    """One row per row of ours (role "ours..." or "redraw" / "stored": every benchmark that is not a baseline) in a
+    group that has a baseline: (group, variant, median s, vs eager, vs compiled, vs SDPA, bf16 vs fp32), each
+    ratio = the baseline's median / this one's: vs eager takes the float32 eager code where the group has it (the
+    user's default without us; else its bf16 one), vs compiled the compiled contender of the row's own precision
+    (role "... bf16" for a bf16 row); bf16 vs fp32 = ours in float32 over this bf16 row. None where the group
+    lacks that baseline."""
+    baselines = ("eager", "compiled", "sdpa", "copy", "matmul")
+    groups = {}
+    for bench in benchmarks:
+        if bench.stats and bench.stats.rounds and "role" in bench.extra_info:
+            groups.setdefault(bench.group, []).append(bench)
+    rows = []
+    for group, members in groups.items():
+        # each role's median; where a role has several backends (ours: cpp and triton on a GPU), the C++ one's
+        ordered = sorted(members, key=lambda b: b.extra_info.get("backend") in (None, "cpp"))
+        median = {b.extra_info["role"]: b.stats.median for b in ordered}
+        for bench in members:
+            role = bench.extra_info["role"]
+            if role.split(" ")[0] in baselines:
+                continue
+            own, bf16 = bench.stats.median, role.endswith(" bf16")
+
+            def vs(*kinds):  # the first of these roles the group has
+                base = next((median[k] for k in kinds if k in median), None)
+                return None if base is None else base / own
+
+            compiled = ("compiled bf16",) if bf16 else ("compiled",)
+            ratios = (vs("eager", "eager bf16"), vs(*compiled), vs("sdpa"), vs("ours") if bf16 else None)
+            if any(r is not None for r in ratios):
+                backend = bench.extra_info.get("backend")
+                rows.append((group, role + (f" ({backend})" if backend else ""), own, *ratios))
     return rows
 
 
@@ -147,14 +208,27 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
             write(f"| {group} | {role} | {median * 1e3:.3f} ms | {fmt(gflops, '.1f')} | {fmt(of_matmul, '.0%')} | "
                   f"{fmt(peak, '.0f')} | {fmt(speedup, '.2f')}x | {fmt(share, '.1%')} |".replace("| -x", "| -"))
     rows = bandwidth_rows(session.benchmarks)
-    if not rows:
-        return
-    write("")
-    write("Bandwidth of our ops (bytes the op must move / median; copy = dst.copy_(src) of the same size, same run; "
-          "speed-up = baseline median / ours):")
-    write("")
-    write("| group | bench | median | GB/s | of copy | vs eager | vs compiled |")
-    write("|---|---|---|---|---|---|---|")
-    for group, name, median, gbs, of_copy, vs_eager, vs_compiled in rows:
-        write(f"| {group} | {name} | {median * 1e3:.3f} ms | {gbs:.1f} | {fmt(of_copy, '.0%')} | "
-              f"{fmt(vs_eager, '.2f')}x | {fmt(vs_compiled, '.2f')}x |".replace("| -x", "| -"))
+    if rows:
+        write("")
+        write("Bandwidth of our ops (bytes the op must move / median; copy = dst.copy_(src) of the same size, same "
+              "run; speed-up = baseline median / ours):")
+        write("")
+        write("| group | bench | median | GB/s | of copy | vs eager | vs compiled |")
+        write("|---|---|---|---|---|---|---|")
+        for group, name, median, gbs, of_copy, vs_eager, vs_compiled in rows:
+            write(f"| {group} | {name} | {median * 1e3:.3f} ms | {gbs:.1f} | {fmt(of_copy, '.0%')} | "
+                  f"{fmt(vs_eager, '.2f')}x | {fmt(vs_compiled, '.2f')}x |".replace("| -x", "| -"))
+    summary = summary_rows(session.benchmarks)
+    if summary:
+        write("")
+        write("Summary: every row of ours against the baselines of its group, same run (baseline median / ours; "
+              "vs eager: the float32 eager code where the group has it; vs compiled: torch.compile in the row's "
+              "precision; bf16 vs fp32: ours in float32 / this row). " + (
+                  "Quick suite: --bench-full for every shape, size and layout." if not benchutil_full() else
+                  "Full suite."))
+        write("")
+        write("| group | ours | median | vs eager | vs compiled | vs SDPA | bf16 vs fp32 |")
+        write("|---|---|---|---|---|---|---|")
+        for group, role, median, vs_eager, vs_compiled, vs_sdpa, vs_fp32 in summary:
+            write(f"| {group} | {role} | {median * 1e3:.2f} ms | {fmt(vs_eager, '.2f')}x | {fmt(vs_compiled, '.2f')}x "
+                  f"| {fmt(vs_sdpa, '.2f')}x | {fmt(vs_fp32, '.2f')}x |".replace("| -x", "| -"))

@@ -59,7 +59,7 @@ def _sample(args) -> None:
     begin = time.perf_counter()
     result = ddpm_fast.sample(model, args.n, sampler=args.sampler, steps=args.steps, eta=args.eta, seed=args.seed,
                               batch_size=args.batch_size, device=args.device, progress=not args.quiet,
-                              out=args.out, out_format=args.format)
+                              out=args.out, out_format=args.format, network_dtype=_network_dtype(args))
     seconds = time.perf_counter() - begin
     where = result if args.out else ddpm_fast.save_grid(result, args.output)
     steps = args.steps or model.diffusion.num_timesteps
@@ -141,7 +141,7 @@ def _quality(args) -> None:
     classifier = train_classifier(train_images, labels, epochs=args.epochs, progress=not args.quiet)
     begin = time.perf_counter()
     samples = ddpm_fast.sample(model, args.n, sampler=args.sampler, steps=args.steps, seed=args.seed,
-                               progress=not args.quiet)
+                               progress=not args.quiet, network_dtype=_network_dtype(args))
     seconds = time.perf_counter() - begin
     report = sample_quality(samples.cpu(), bundled.digits("held_out")[0], classifier)
     steps = args.steps or model.diffusion.num_timesteps
@@ -214,12 +214,16 @@ def _info(args) -> None:
 
     import ddpm_fast
     from ddpm_fast import bundled
+    from ddpm_fast.sampling import default_network_dtype
 
     print(f"ddpm_fast {ddpm_fast.__version__}, python {platform.python_version()}, torch {torch.__version__}, "
           f"CUDA {'available: ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'not available'}")
     print("backends (default: the first available of cuda/triton/cpp on its device, else reference):")
     for name, status in ddpm_fast.backends().items():
         print(f"  {name:9s} {'yes' if status.available else 'no ':3s}  {status.reason}")
+    for device in ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",):
+        dtype, why = default_network_dtype(device)
+        print(f"network dtype on {device} (sample's default): {str(dtype).removeprefix('torch.')}: {why}")
     for name, path in bundled.MODELS.items():
         print(f"bundled model {name}: {path if (path / 'config.json').is_file() else 'missing'}")
 
@@ -231,6 +235,18 @@ def _positive(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive int, got {value}")
     return value
+
+
+def _network_dtype_option(p) -> None:
+    p.add_argument("--network-dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="the network's precision (default auto: bf16 on a GPU or a CPU with native bf16, else "
+                        "float32; ddpm-fast info says which); float32 for full precision")
+
+
+def _network_dtype(args):
+    import torch
+
+    return None if args.network_dtype == "auto" else getattr(torch, args.network_dtype)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -264,6 +280,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--eta", type=float, default=0.0, help="DDIM's eta (default 0: deterministic)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=_positive, default=None)
+    _network_dtype_option(p)
 
     p = command("train", _train, "train a model (default: the bundled recipe on the bundled digits)", model=False)
     p.add_argument("--data", default="digits", help="training images: digits (the bundled digits' train split, "
@@ -306,6 +323,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=_positive, default=None, help="respaced steps (default: all T)")
     p.add_argument("--epochs", type=_positive, default=20, help="the classifier's training epochs (default 20)")
     p.add_argument("--seed", type=int, default=0)
+    _network_dtype_option(p)
 
     p = command("progressive", _progressive, "progressive generation: x0_hat (or x_t) as t falls (PNG grid)")
     p.add_argument("-n", type=_positive, default=8, help="images (rows; default 8)")

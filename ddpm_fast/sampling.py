@@ -5,7 +5,7 @@ Noise is keyed by the global sample index (DESIGN.md), so the images do not depe
 The loop keeps t on the device and checks for NaN/inf with a device-side flag per batch, read once at the end.
 On a GPU one step (network + reverse step + flag) is captured in a CUDA graph per batch size and replayed: the step
 reads its position from a device counter that the graph itself advances, so every replay is the next step; the
-network runs under bf16 autocast there by default (the state stays float32).
+network runs under bf16 autocast there by default, and on a CPU with native bf16 (the state stays float32).
 """
 from __future__ import annotations
 
@@ -174,10 +174,29 @@ def _check_positive_int(name: str, value) -> int:
     return value
 
 
+def cpu_has_fast_bf16() -> bool:
+    """Does this CPU multiply bf16 natively (AVX512-BF16 or AMX) for oneDNN, whose bf16 convolutions and GEMMs are
+    then 2-4x its float32 ones at the U-Net's shapes (bench/RESULTS.md)? Elsewhere bf16 is emulated and slower."""
+    cpu = torch.cpu
+    fast = any(getattr(cpu, probe, lambda: False)() for probe in ("_is_avx512_bf16_supported",
+                                                                    "_is_amx_tile_supported"))
+    return fast and torch.backends.mkldnn.is_available()
+
+
+def default_network_dtype(device) -> tuple[torch.dtype, str]:
+    """network_dtype=None's choice on `device`, and why: bf16 on a GPU and on a CPU with native bf16 (the quality
+    check in the README: held-out NLL and sample quality unchanged on the bundled model), float32 on other CPUs."""
+    if torch.device(device).type == "cuda":
+        return torch.bfloat16, "a GPU: bf16 tensor cores"
+    if cpu_has_fast_bf16():
+        return torch.bfloat16, "this CPU has AVX512-BF16 or AMX (oneDNN's bf16 kernels, 2-4x float32)"
+    return torch.float32, "this CPU has neither AVX512-BF16 nor AMX (bf16 would be emulated, slower)"
+
+
 def _network_dtype(asked, device: torch.device) -> torch.dtype:
-    """network_dtype=None: bf16 autocast on a GPU, float32 elsewhere."""
+    """network_dtype=None: default_network_dtype's."""
     if asked is None:
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        return default_network_dtype(device)[0]
     if asked not in NETWORK_DTYPES:
         raise ValueError(f"network_dtype must be one of {', '.join(map(str, NETWORK_DTYPES))} or None, got {asked!r}")
     return asked
@@ -359,8 +378,10 @@ def sample(model, n: int, *, diffusion: Diffusion | None = None, sampler: str = 
     :param out_format: "png" (one file per image, named by its index) or "npz" (one shard per batch).
     :param cuda_graph: on a GPU, capture one step (network + reverse update) in a CUDA graph and replay it (ignored
         on the CPU). The model must be capturable: no host syncs, the same work every call.
-    :param network_dtype: the network's precision: None = bf16 autocast on a GPU, float32 on the CPU;
-        torch.float32, torch.bfloat16 or torch.float16 to choose (autocast; the state and the update stay float32).
+    :param network_dtype: the network's precision: None = bf16 autocast on a GPU and on a CPU with native bf16
+        (AVX512-BF16 or AMX), float32 on other CPUs (default_network_dtype; `ddpm-fast info` says which);
+        torch.float32 (full precision), torch.bfloat16 or torch.float16 to choose (autocast; the state and the
+        update stay float32).
     :return: float32 (n, C, H, W) in [-1, 1] on `device`, a SampleResult, or (with out=) the folder's Path.
     """
     n = _check_positive_int("n", n)

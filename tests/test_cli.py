@@ -88,8 +88,11 @@ def test_bench_and_info(tiny_checkpoint, capsys):
     assert "reference" in out and "cpp" in out and "ms/step" in out
     code, out, err = run(capsys, "info")
     assert code == 0, err
-    for name in ("reference", "cpp", "triton", "bundled model digits"):
+    for name in ("reference", "cpp", "triton", "bundled model digits", "network dtype on cpu (sample's default): "):
         assert name in out
+    from ddpm_fast.sampling import default_network_dtype
+    dtype, why = default_network_dtype("cpu")
+    assert f"network dtype on cpu (sample's default): {str(dtype).removeprefix('torch.')}: {why}" in out
 
 
 @pytest.mark.parametrize("args, message", [

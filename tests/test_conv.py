@@ -110,9 +110,30 @@ def test_inference_tensor_weights():
         assert relative_error(conv(x), reference(conv, x)) < 1e-6
 
 
-def test_autocast_gets_torch_convolutions():
-    """Under autocast the packed path (float32 only, not an autocast op) steps aside: the output is bf16 as torch's."""
-    conv = make(8, 8, 3, 1, 1)
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_bf16_autocast_and_bf16_models_pack_bf16_weights(with_residual):
+    """Under bf16 autocast the packed path runs in bf16 (x cast as autocast would, the weights packed as bf16 once):
+    bf16 out, within bf16 rounding of torch's autocast convolution; a bf16 model in bf16 the same. A float32
+    residual is added after, with eager's promotion (float32 out)."""
+    conv = make(8, 16, 3, 1, 1)
+    x = torch.randn(2, 8, 6, 6)
+    residual = torch.randn(2, 16, 6, 6).to(memory_format=torch.channels_last) if with_residual else None
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
-        assert conv(torch.randn(2, 8, 6, 6)).dtype == torch.bfloat16
+        want = reference(conv, x, None if residual is None else residual.bfloat16())
+        got = conv(x, residual=None if residual is None else residual.bfloat16())
+        promoted = conv(x, residual=residual)
+    assert len(conv._packed) == 1 and next(iter(conv._packed))[1] == torch.bfloat16
+    assert got.dtype == want.dtype == torch.bfloat16 and got.is_contiguous(memory_format=torch.channels_last)
+    assert relative_error(got, want) < 1e-2  # bf16: 8 bits of mantissa, in the output and in the operands
+    assert promoted.dtype == (torch.float32 if with_residual else torch.bfloat16)
+    model = copy.deepcopy(conv).bfloat16()
+    with torch.inference_mode():
+        assert relative_error(model(x.bfloat16()), reference(model, x.bfloat16())) < 1e-2 and model._packed
+
+
+def test_float16_autocast_gets_torch_convolutions():
+    """float16 autocast: not a packed dtype, F.conv2d under autocast (float16 out, as torch's)."""
+    conv = make(8, 8, 3, 1, 1)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.float16):
+        assert conv(torch.randn(2, 8, 6, 6)).dtype == torch.float16
     assert not conv._packed

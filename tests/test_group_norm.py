@@ -148,17 +148,18 @@ def test_backward_is_deterministic():
         assert all(torch.equal(a, b) for a, b in zip(runs[0], other))
 
 
-# Forward and gradients of the C++ op on float32 x, written to argv[1]: rows of 81 (a 64-element block, a vector and a
-# one-element tail), 21, 64 and 1 positions, with and without add, SiLU and dropout; contiguous, and channels_last
-# (k + 4: 8, 6 and 64 channels, a masked vector of channels and four groups in one vector).
+# Forward and gradients of the C++ op on float32 and bf16 x, written to argv[1]: rows of 81 (a 64-element block, a
+# vector and a one-element tail), 21, 64 and 1 positions, with and without add, SiLU and dropout; contiguous, and
+# channels_last (k + 4: 8, 6 and 64 channels, a masked vector of channels and four groups in one vector).
 ISA_PROBE = """
 import sys, torch
 from ddpm_fast.ops import group_norm as gn
 out = {}
 cases = [((2, 8, 9, 9), 4), ((3, 6, 3, 7), 3), ((2, 64, 8, 8), 32), ((1, 4, 1, 1), 4)]
 for k, (shape, groups) in enumerate(cases + cases[:3]):
+  for dtype in (torch.float32, torch.bfloat16):
     g = torch.Generator().manual_seed(k % 4)
-    x, grad_y = 3 * torch.randn(shape, generator=g) + 0.5, torch.randn(shape, generator=g)
+    x, grad_y = (3 * torch.randn(shape, generator=g) + 0.5).to(dtype), torch.randn(shape, generator=g).to(dtype)
     if k >= 4:
         x = x.contiguous(memory_format=torch.channels_last)
     w, b, add = 1 + 0.5 * torch.randn(shape[1], generator=g), torch.randn(shape[1], generator=g), torch.randn(shape[:2], generator=g)
@@ -167,16 +168,18 @@ for k, (shape, groups) in enumerate(cases + cases[:3]):
         y = gn.group_norm_silu(*leaves[:3], groups, 1e-6, add=leaves[3], act=act, dropout=dropout, seed=5, layer=1,
                                backend="cpp")
         y.backward(grad_y)
-        out[(k, act, dropout)] = [t.detach() for t in (y, *(leaf.grad for leaf in leaves))] + [x, w, b, add, grad_y]
+        out[(k, dtype, act, dropout)] = [t.detach() for t in (y, *(leaf.grad for leaf in leaves))] + [x, w, b, add, grad_y]
 torch.save(out, sys.argv[1])
 """
 
 
 def test_every_cpu_instruction_set_equals_the_reference(tmp_path):
-    """float32 contiguous x (and channels_last x in the forward without dropout) runs the AVX-512 kernels
+    """float32 and bf16 contiguous x (and channels_last x in the forward without dropout) run the AVX-512 kernels
     (group_norm_avx512.cpp) where the CPU has AVX-512, the portable kernels otherwise ($DDPM_FAST_CPU_ISA=portable
     forces them; avx2 runs the portable kernels' AVX2 clone): each against the float64 reference, forward and
-    gradients, and the same dropout mask."""
+    gradients (bf16: the tolerance rule against the bf16 reference's own error), and the same dropout mask; bf16
+    outputs of every instruction set within one bf16 rounding of the portable kernels' (the math is float32 in both,
+    rounded once on store as c10::BFloat16), its gradients within 1e-3 (a bf16 rounding apart in a few elements)."""
     results = {}
     for isa in cpu_isas():
         done = run_with_cpu_isa(isa, ISA_PROBE, str(tmp_path / f"{isa}.pt"))
@@ -184,18 +187,28 @@ def test_every_cpu_instruction_set_equals_the_reference(tmp_path):
         results[isa] = torch.load(tmp_path / f"{isa}.pt")
     groups_of = {0: 4, 1: 3, 2: 32, 3: 4, 4: 4, 5: 3, 6: 32}
     for isa, result in results.items():
-        for (k, act, dropout), (y, *grads_and_inputs) in result.items():
+        for (k, dtype, act, dropout), (y, *grads_and_inputs) in result.items():
             grads, (x, w, b, add, grad_y) = grads_and_inputs[:4], grads_and_inputs[4:]
-            leaves = [t.double().requires_grad_() for t in (x, w, b, add)]
-            want = reference(*leaves[:3], groups_of[k], leaves[3], act, dropout, seed=5, layer=1)
-            want.backward(grad_y.double())
-            assert relative_error(y, want) < 1e-5, (isa, k, act, dropout)
-            assert torch.equal(y == 0, want == 0) or not dropout, (isa, k)  # the same mask
-            for name, got, leaf in zip(["x", "weight", "bias", "add"], grads, leaves):
-                if leaf.grad.abs().max() > 1e-9:
-                    assert relative_error(got, leaf.grad) < 1e-4, (isa, k, act, dropout, name)
+            case = (isa, k, dtype, act, dropout)
+            truth, same_dtype = [], []
+            for ref_dtype, out in ((torch.float64, truth), (dtype, same_dtype)):
+                leaves = [t.detach().to(ref_dtype, copy=True).requires_grad_() for t in (x, w, b, add)]
+                want = reference(*leaves[:3], groups_of[k], leaves[3], act, dropout, seed=5, layer=1, dtype=ref_dtype)
+                want.backward(grad_y.to(ref_dtype))
+                out.extend([want.detach()] + [leaf.grad for leaf in leaves])
+            assert relative_error(y, truth[0]) < tolerance(dtype, relative_error(same_dtype[0], truth[0]), "cpp"), case
+            assert torch.equal(y == 0, truth[0] == 0) or not dropout or dtype != torch.float32, case  # the same mask
+            for name, got, want, ours in zip(["x", "weight", "bias", "add"], grads, truth[1:], same_dtype[1:]):
+                if want.abs().max() > 1e-9:
+                    bound = 1e-4 if dtype == torch.float32 else tolerance(dtype, relative_error(ours, want), "cpp")
+                    assert relative_error(got, want) < bound, (*case, name)
                 else:  # one element per group: dx, dadd are 0 up to rounding times rstd = 1 / sqrt(eps) = 1e3
-                    assert got.abs().max() < 1e-4, (isa, k, act, dropout, name)
+                    assert got.abs().max() < (1e-4 if dtype == torch.float32 else 1e-1), (*case, name)
+            if dtype == torch.bfloat16:
+                portable = results["portable"][(k, dtype, act, dropout)]
+                assert ((y.float() - portable[0].float()).abs() <= 2 ** -7 * portable[0].float().abs()).all(), case  # 1 ulp
+                for got, want in zip(grads, portable[1:5]):  # (dx: sums of cancelling terms in another order)
+                    assert torch.equal(got, want) or relative_error(got, want) < 1e-3, case
     assert len(results) >= 2
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import ddpm_fast
-from ddpm_fast import Diffusion, UNet
+from ddpm_fast import Diffusion, UNet, sampling
 from ddpm_fast.ops import philox
 from test_unet import randomize_
 
@@ -22,7 +22,9 @@ def model():
 
 
 def run(model, n, **kwargs):
-    return ddpm_fast.sample(model, n, progress=False, **kwargs)
+    """sample() with the network in float32 unless a test asks otherwise: these tests compare the algorithm with
+    float32 references (the CPU default is bf16 where the CPU has native bf16: test_the_cpu_default_is_bf16...)."""
+    return ddpm_fast.sample(model, n, progress=False, **{"network_dtype": torch.float32, **kwargs})
 
 
 def test_matches_algorithm_2_written_out(model):
@@ -238,8 +240,9 @@ def test_batch_size_defaults_to_what_fits_and_a_batch_too_big_is_refused(monkeyp
 
 # ---------------------------------------------------------------------------------------------------- precision
 def test_network_dtype_runs_the_network_under_autocast_and_keeps_the_state_float32(model):
-    """network_dtype=torch.bfloat16 (the GPU's default): the network sees autocast (its convolutions return bf16),
-    the images stay float32 and close to the float32 run's; a dtype that is not a float is refused."""
+    """network_dtype=torch.bfloat16 (the GPU's default, and a CPU's with native bf16): the network sees autocast
+    (its convolutions return bf16), the images stay float32 and close to the float32 run's; None is
+    default_network_dtype's choice; a dtype that is not a float is refused."""
     seen = []
 
     def spying(x, t):
@@ -249,10 +252,23 @@ def test_network_dtype_runs_the_network_under_autocast_and_keeps_the_state_float
 
     images = run(spying, 3, seed=6, shape=(1, 8, 8), diffusion=model.diffusion, network_dtype=torch.bfloat16)
     assert images.dtype == torch.float32 and set(seen) == {(torch.float32, torch.bfloat16)}
-    assert (images - run(model, 3, seed=6)).abs().max() < 0.05
-    assert torch.equal(run(model, 3, seed=6, network_dtype=torch.float32), run(model, 3, seed=6))  # the CPU default
+    assert (images - run(model, 3, seed=6, network_dtype=torch.float32)).abs().max() < 0.05
+    default = sampling.default_network_dtype("cpu")[0]
+    assert torch.equal(run(model, 3, seed=6, network_dtype=default), run(model, 3, seed=6, network_dtype=None))
     with pytest.raises(ValueError, match="network_dtype must be one of"):
         run(model, 2, network_dtype=torch.int8)
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_the_cpu_default_is_bf16_where_the_cpu_multiplies_bf16_natively(monkeypatch, fast):
+    """AVX512-BF16 or AMX (and oneDNN): bf16; neither: float32; a GPU: bf16. The reason names what decided it
+    (`ddpm-fast info` prints it)."""
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: fast, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    dtype, why = sampling.default_network_dtype("cpu")
+    assert dtype == (torch.bfloat16 if fast and torch.backends.mkldnn.is_available() else torch.float32)
+    assert ("has AVX512-BF16 or AMX" if dtype == torch.bfloat16 else "neither AVX512-BF16 nor AMX") in why
+    assert sampling.default_network_dtype("cuda")[0] == torch.bfloat16
 
 
 # ---------------------------------------------------------------------------------------------------- GPU engine

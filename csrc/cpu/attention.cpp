@@ -6,6 +6,10 @@
 // only for one tile at a time (a block of queries of a few samples, kScoreBudget scores per thread, OpenMP over the
 // tiles); the projection's GEMM adds into x + b, so the residual is its epilogue. The backward recomputes each
 // tile's scores from the saved log-sum-exp (no stored scores, as flash attention).
+// bf16 x runs its GEMMs in bf16 (oneDNN's AVX512-BF16 / AMX kernels: ~3x float32's at the U-Net's shapes here), with
+// bf16 operands and products as autocast gives the eager block; the softmax and its log-sum-exp stay float32 and the
+// tile's probabilities are rounded to bf16 once, for the P h^T product. h, g and o^T are then bf16; the backward
+// widens them and runs in float32. Other dtypes run in their accumulation dtype (float16: float32).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/ThreadLocalState.h>
@@ -76,6 +80,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_backward(const at::Ten
   return {dx, dw, db};
 }
 
+// The dtype of the forward's GEMMs and of h, g and o^T (file comment).
+at::ScalarType compute_dtype(at::ScalarType x) { return x == at::kBFloat16 ? at::kBFloat16 : acc_dtype(x); }
+
 // The folded weights in the accumulation dtype; shapes checked.
 struct Folded {
   at::Tensor norm_weight, norm_bias, score_weight, score_bias, out_weight, out_bias;
@@ -108,22 +115,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     double eps) {
   const char* op = "attention_block";
   const Folded f = check_folded(x_in, norm_weight, norm_bias, score_weight, score_bias, out_weight, out_bias, op);
-  const at::ScalarType acc = acc_dtype(x_in.scalar_type());
+  const at::ScalarType acc = acc_dtype(x_in.scalar_type()), compute = compute_dtype(x_in.scalar_type());
+  const bool low = compute != acc;  // bf16 GEMMs, float32 softmax
   const int64_t n = x_in.size(0), c = x_in.size(1), tokens = x_in.size(2) * x_in.size(3);
   // channels_last x runs as it is: its (n, c, L) views are the transposes of contiguous (n, L, c) matrices, which
   // the GEMMs take as they come (h^T and g^T rows are then the contiguous ones)
   const bool channels_last = is_channels_last(x_in);
-  const at::Tensor x = x_in.to(acc).contiguous(channels_last ? at::MemoryFormat::ChannelsLast
-                                                             : at::MemoryFormat::Contiguous);
+  const at::Tensor x = x_in.to(compute).contiguous(channels_last ? at::MemoryFormat::ChannelsLast
+                                                                 : at::MemoryFormat::Contiguous);
   auto [h4, shift, rstd] = group_norm(x, f.norm_weight, f.norm_bias, num_groups, eps);
   const at::Tensor h = h4.view({n, c, tokens});  // channels_last: strides (L c, 1, c)
   // g = M h + m for every sample (matmul of the shared M: 1.5x faster at 8x8 than baddbmm with the bias as C input);
   // channels_last: g^T = h^T M^T, so that g has h's strides
-  at::Tensor g = channels_last ? at::matmul(h.transpose(1, 2), f.score_weight.t()).transpose(1, 2)
-                               : at::matmul(f.score_weight, h);
-  g.add_(f.score_bias.view({1, c, 1}));
+  const at::Tensor m_weight = f.score_weight.to(compute);
+  at::Tensor g = channels_last ? at::matmul(h.transpose(1, 2), m_weight.t()).transpose(1, 2)
+                               : at::matmul(m_weight, h);
+  g.add_(f.score_bias.to(compute).view({1, c, 1}));
   at::Tensor o_t = at::empty({n, tokens, c}, x.options());  // o^T: a block of queries is a block of rows
-  at::Tensor lse = at::empty({n, tokens}, x.options());
+  at::Tensor lse = at::empty({n, tokens}, x.options().dtype(acc));
   const Tiling t = tiling(n, tokens);
   const bool fast_softmax = acc == at::kFloat && cpu::cpu_isa() == cpu::Isa::avx512;
   if (n * tokens > 0) {
@@ -131,13 +140,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     at::parallel_for(0, t.sample_chunks * t.query_blocks, 1, [&](int64_t begin, int64_t end) {
       const at::ThreadLocalStateGuard guard(state);
       at::Tensor scores = at::empty({t.samples * t.queries * tokens}, x.options());
+      at::Tensor scores_acc = low ? at::empty({t.samples * t.queries * tokens}, lse.options()) : scores;
       for (int64_t i = begin; i < end; ++i) {
         const int64_t s0 = (i / t.query_blocks) * t.samples, q0 = (i % t.query_blocks) * t.queries;
         const int64_t count = std::min(t.samples, n - s0), rows = std::min(t.queries, tokens - q0);
         const at::Tensor h_c = h.narrow(0, s0, count);
-        at::Tensor p = scores.narrow(0, 0, count * rows * tokens).view({count, rows, tokens});  // contiguous
+        at::Tensor p_mm = scores.narrow(0, 0, count * rows * tokens).view({count, rows, tokens});  // contiguous
+        at::Tensor p = scores_acc.narrow(0, 0, count * rows * tokens).view({count, rows, tokens});
         // the scores of these queries against every key, then their softmax rows and log-sum-exp
-        at::bmm_out(p, g.narrow(0, s0, count).narrow(2, q0, rows).transpose(1, 2), h_c);
+        at::bmm_out(p_mm, g.narrow(0, s0, count).narrow(2, q0, rows).transpose(1, 2), h_c);
+        if (low) p.copy_(p_mm);
         if (fast_softmax) {
           for (int64_t k = 0; k < count; ++k)
             cpu::softmax_rows_avx512(p.data_ptr<float>() + k * rows * tokens, rows, tokens,
@@ -147,11 +159,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
           lse.narrow(0, s0, count).narrow(1, q0, rows).copy_(lse_c.squeeze(2));
           p.sub_(lse_c).exp_();
         }
+        if (low) p_mm.copy_(p);
         at::Tensor o_c = o_t.narrow(0, s0, count).narrow(1, q0, rows);
         if (o_c.is_contiguous()) {  // (one sample, or all queries of several)
-          at::bmm_out(o_c, p, h_c.transpose(1, 2));  // o^T = P h^T, straight into o_t
+          at::bmm_out(o_c, p_mm, h_c.transpose(1, 2));  // o^T = P h^T, straight into o_t
         } else {
-          o_c.copy_(at::bmm(p, h_c.transpose(1, 2)));
+          o_c.copy_(at::bmm(p_mm, h_c.transpose(1, 2)));
         }
       }
     });
@@ -159,13 +172,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   // y = (x + b) + N o, the residual and the bias as the GEMM's C input, in place (no second (n, c, L) buffer);
   // channels_last: y^T = (x^T + b) + o^T N^T, which is y in that layout
   at::Tensor y;
+  const at::Tensor n_weight = f.out_weight.to(compute), b = f.out_bias.to(compute);
   if (channels_last) {
-    at::Tensor y_t = x.permute({0, 2, 3, 1}).reshape({n, tokens, c}) + f.out_bias.view({1, 1, c});
-    y_t.baddbmm_(o_t, f.out_weight.t().expand({n, c, c}));
+    at::Tensor y_t = x.permute({0, 2, 3, 1}).reshape({n, tokens, c}) + b.view({1, 1, c});
+    y_t.baddbmm_(o_t, n_weight.t().expand({n, c, c}));
     y = y_t.view({n, x_in.size(2), x_in.size(3), c}).permute({0, 3, 1, 2});
   } else {
-    y = x.view({n, c, tokens}) + f.out_bias.view({1, c, 1});
-    y.baddbmm_(f.out_weight.expand({n, c, c}), o_t.transpose(1, 2));
+    y = x.view({n, c, tokens}) + b.view({1, c, 1});
+    y.baddbmm_(n_weight.expand({n, c, c}), o_t.transpose(1, 2));
     y = y.view(x_in.sizes());
   }
   return {y.to(x_in.scalar_type()), h, g, o_t, lse, shift, rstd};
@@ -175,22 +189,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 attention_block_backward_cpu(const at::Tensor& grad_y, const at::Tensor& x_in, const at::Tensor& norm_weight,
                              const at::Tensor& norm_bias, const at::Tensor& score_weight,
                              const at::Tensor& score_bias, const at::Tensor& out_weight, const at::Tensor& out_bias,
-                             const at::Tensor& h, const at::Tensor& g, const at::Tensor& o_t, const at::Tensor& lse,
-                             const at::Tensor& shift, const at::Tensor& rstd, int64_t num_groups) {
+                             const at::Tensor& h_in, const at::Tensor& g_in, const at::Tensor& o_t_in,
+                             const at::Tensor& lse, const at::Tensor& shift, const at::Tensor& rstd,
+                             int64_t num_groups) {
   const char* op = "attention_block_backward";
   const Folded f = check_folded(x_in, norm_weight, norm_bias, score_weight, score_bias, out_weight, out_bias, op);
   check_same_shape(x_in, grad_y, op, "x", "grad_y");
-  const at::ScalarType acc = acc_dtype(x_in.scalar_type());
+  const at::ScalarType acc = acc_dtype(x_in.scalar_type()), compute = compute_dtype(x_in.scalar_type());
   const int64_t n = x_in.size(0), c = x_in.size(1), tokens = x_in.size(2) * x_in.size(3);
-  for (const auto& [name, value, shape] : {std::tuple<const char*, const at::Tensor*, std::vector<int64_t>>{
-                                               "h", &h, {n, c, tokens}},
-                                           {"g", &g, {n, c, tokens}},
-                                           {"o_t", &o_t, {n, tokens, c}},
-                                           {"lse", &lse, {n, tokens}}}) {
-    TORCH_CHECK(value->sizes() == at::IntArrayRef(shape) && value->scalar_type() == acc, op, ": ", name,
-                " must be the forward's (", acc, ", shape ", at::IntArrayRef(shape), "), got ", value->scalar_type(),
-                " ", value->sizes());
+  for (const auto& [name, value, shape, dtype] :
+       {std::tuple<const char*, const at::Tensor*, std::vector<int64_t>, at::ScalarType>{
+            "h", &h_in, {n, c, tokens}, compute},
+        {"g", &g_in, {n, c, tokens}, compute},
+        {"o_t", &o_t_in, {n, tokens, c}, compute},
+        {"lse", &lse, {n, tokens}, acc}}) {
+    TORCH_CHECK(value->sizes() == at::IntArrayRef(shape) && value->scalar_type() == dtype, op, ": ", name,
+                " must be the forward's (", dtype, ", shape ", at::IntArrayRef(shape), "), got ",
+                value->scalar_type(), " ", value->sizes());
   }
+  const at::Tensor h = h_in.to(acc), g = g_in.to(acc), o_t = o_t_in.to(acc);  // (bf16: widened, file comment)
   const at::Tensor x = x_in.to(acc).contiguous();
   const at::Tensor dy = grad_y.to(acc).contiguous().view({n, c, tokens});
   // through y = (x + b) + N o (sums over IntArrayRef: torch 2.11's headers also overload sum on DimnameList)

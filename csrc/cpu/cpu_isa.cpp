@@ -11,7 +11,10 @@ namespace {
 
 Isa pick_isa() {
   __builtin_cpu_init();
-  const bool avx512 = __builtin_cpu_supports("avx512f"), avx2 = __builtin_cpu_supports("avx2");
+  // AVX-512 here is F with BW and VL (16-bit masked moves for bf16): every AVX-512 CPU since Skylake-SP and Zen 4
+  const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                      __builtin_cpu_supports("avx512vl");
+  const bool avx2 = __builtin_cpu_supports("avx2");
   const char* forced = std::getenv("DDPM_FAST_CPU_ISA");
   if (forced != nullptr && *forced != '\0') {
     if (std::strcmp(forced, "portable") == 0) return Isa::portable;

@@ -1,5 +1,5 @@
 // The vector instruction set the hand-written CPU paths use: the best this CPU runs, or the one $DDPM_FAST_CPU_ISA
-// names (portable, avx2, avx512), so that tests can run every path on one machine.
+// names (portable, avx2, avx512 = AVX-512 F, BW and VL), so that tests can run every path on one machine.
 #pragma once
 
 namespace ddpm_fast {

@@ -1,8 +1,8 @@
 // CPU kernels of the fused GroupNorm (+ per-(n, c) add, SiLU, dropout): forward and backward, one task per
 // (sample, group), two passes over the group each way (statistics, then the output), deterministic. Per-element
 // math: csrc/include/ddpm_fast/group_norm.h (shared with CUDA). The dropout mask is regenerated from Philox stream 4
-// in the backward, never stored. These portable kernels serve every dtype and layout; float32 contiguous x (and the
-// forward of float32 channels_last x without dropout) goes to group_norm_avx512.cpp where the CPU has AVX-512.
+// in the backward, never stored. These portable kernels serve every dtype and layout; float32 and bf16 contiguous x (and
+// the forward of channels_last x without dropout) go to group_norm_avx512.cpp where the CPU has AVX-512.
 // FMA contraction here (setup.py turns it off for the noise kernels, whose bits must not depend on the instruction
 // set): SiLU's exp polynomial is half the instructions with it. GroupNorm's results already depend on the vector
 // width through the order of its sums.
@@ -29,12 +29,25 @@ using cpu::draw_uniforms;
 using cpu::GroupNormArgs;
 using cpu::offset;
 
-// The AVX-512 kernels (group_norm_avx512.cpp) take float32 contiguous x where the CPU has AVX-512, unless
-// $DDPM_FAST_CPU_ISA asks for another instruction set (float32 channels_last x without dropout: the forward's
-// per-sample kernel, group_norm_forward_kernel).
+// The AVX-512 kernels (group_norm_avx512.cpp) take float32 and bf16 contiguous x where the CPU has AVX-512, unless
+// $DDPM_FAST_CPU_ISA asks for another instruction set (channels_last x without dropout: the forward's per-sample
+// kernel, group_norm_forward_kernel). Bits is what they see of scalar_t (bf16: uint16_t), void for the others.
+template <typename scalar_t>
+using Bits = std::conditional_t<std::is_same_v<scalar_t, float>, float,
+                                std::conditional_t<std::is_same_v<scalar_t, c10::BFloat16>, uint16_t, void>>;
+
+template <typename scalar_t>
+const Bits<scalar_t>* bits(const scalar_t* p) {
+  return reinterpret_cast<const Bits<scalar_t>*>(p);
+}
+template <typename scalar_t>
+Bits<scalar_t>* bits(scalar_t* p) {
+  return reinterpret_cast<Bits<scalar_t>*>(p);
+}
+
 template <typename scalar_t, bool kChannelsLast>
 bool use_avx512() {
-  return std::is_same_v<scalar_t, float> && !kChannelsLast && cpu::cpu_isa() == cpu::Isa::avx512;
+  return !std::is_void_v<Bits<scalar_t>> && !kChannelsLast && cpu::cpu_isa() == cpu::Isa::avx512;
 }
 
 // The kernels are instantiated per (SiLU, dropout, channels_last) so that their inner loops carry no branch and
@@ -99,12 +112,13 @@ void forward_group(const GroupNormArgs<acc_t>& a, const scalar_t* x, scalar_t* y
 template <typename scalar_t, typename acc_t, bool kAct, bool kDropout, bool kChannelsLast>
 void group_norm_forward_kernel(const GroupNormArgs<acc_t>& a, const scalar_t* x, scalar_t* y, acc_t* shift_out,
                                acc_t* rstd_out, int64_t batch, acc_t eps) {
-  if constexpr (std::is_same_v<scalar_t, float> && kChannelsLast && !kDropout) {
+  if constexpr (!std::is_void_v<Bits<scalar_t>> && kChannelsLast && !kDropout) {
     if (cpu::cpu_isa() == cpu::Isa::avx512) {  // one task per sample: the layout interleaves its groups
       at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
         std::vector<float> buf;
         for (int64_t n = begin; n < end; ++n)
-          cpu::forward_sample_nhwc_avx512<kAct>(a, x, y, shift_out, rstd_out, n, eps, n + 1 < end, buf);
+          cpu::forward_sample_nhwc_avx512<Bits<scalar_t>, kAct>(a, bits(x), bits(y), shift_out, rstd_out, n, eps,
+                                                                n + 1 < end, buf);
       });
       return;
     }
@@ -113,9 +127,10 @@ void group_norm_forward_kernel(const GroupNormArgs<acc_t>& a, const scalar_t* x,
   at::parallel_for(0, batch * a.groups, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> u;
     for (int64_t i = begin; i < end; ++i) {
-      if constexpr (std::is_same_v<scalar_t, float>) {
+      if constexpr (!std::is_void_v<Bits<scalar_t>>) {
         if (avx512) {
-          cpu::forward_group_avx512<kAct, kDropout>(a, x, y, shift_out, rstd_out, i, batch * a.groups, eps, u);
+          cpu::forward_group_avx512<Bits<scalar_t>, kAct, kDropout>(a, bits(x), bits(y), shift_out, rstd_out, i,
+                                                                    batch * a.groups, eps, u);
           continue;
         }
       }
@@ -196,9 +211,10 @@ void group_norm_backward_kernel(const GroupNormArgs<acc_t>& a, const scalar_t* d
     std::vector<float> u;
     std::vector<acc_t> dz;
     for (int64_t i = begin; i < end; ++i) {
-      if constexpr (std::is_same_v<scalar_t, float>) {
+      if constexpr (!std::is_void_v<Bits<scalar_t>>) {
         if (avx512) {
-          cpu::backward_group_avx512<kAct, kDropout>(a, dy, x, shift_in, rstd_in, dx, dw_nc, db_nc, dadd, i, u, dz);
+          cpu::backward_group_avx512<Bits<scalar_t>, kAct, kDropout>(a, bits(dy), bits(x), shift_in, rstd_in, bits(dx),
+                                                                     dw_nc, db_nc, dadd, i, u, dz);
           continue;
         }
       }

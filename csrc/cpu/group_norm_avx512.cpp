@@ -1,4 +1,5 @@
-// The fused GroupNorm's CPU kernels for float32 contiguous x, the U-Net's case, with AVX-512 intrinsics: the portable
+// The fused GroupNorm's CPU kernels for float32 and bf16 x (T = float or uint16_t, bf16's bits: loaded as float32,
+// the math in float32, rounded once on store), the U-Net's cases, with AVX-512 intrinsics: the portable
 // kernels of group_norm.cpp spend most of their time in SiLU (exp and a divide per element) and in the per-channel
 // loop set-up and horizontal sums that GCC's vectorization of 64-element rows costs. Here the exp is the polynomial
 // of fastmath.h's exp_clamped with FMA and 2^n by vscalefps, the statistics of a whole group stay in vector
@@ -18,7 +19,7 @@
 // headers above are included first so that their inline functions are not compiled for AVX-512 here (a shared
 // inline copy with AVX-512 instructions could be the one the linker keeps for the portable kernels).
 #pragma GCC push_options
-#pragma GCC target("avx512f")
+#pragma GCC target("avx512f,avx512bw,avx512vl")
 #include "avx512_math.h"
 
 namespace ddpm_fast {
@@ -56,27 +57,27 @@ DDPM_AVX512 void for_row(int64_t spatial, const F& f) {
 
 }  // namespace
 
-template <bool kAct, bool kDropout>
-void forward_group_avx512(const GroupNormArgs<float>& a, const float* x, float* y, float* shift_out, float* rstd_out,
+template <typename T, bool kAct, bool kDropout>
+void forward_group_avx512(const GroupNormArgs<float>& a, const T* x, T* y, float* shift_out, float* rstd_out,
                           int64_t i, int64_t batch_groups, float eps, std::vector<float>& u) {
   const int64_t cg = a.channels / a.groups, spatial = a.spatial;
   const int64_t n = i / a.groups, c0 = (i - n * a.groups) * cg;
-  const float* xg = x + (n * a.channels + c0) * spatial;  // contiguous: the group is one span, channel after channel
-  float* yg = y + (n * a.channels + c0) * spatial;
+  const T* xg = x + (n * a.channels + c0) * spatial;  // contiguous: the group is one span, channel after channel
+  T* yg = y + (n * a.channels + c0) * spatial;
   const float pa = add_of(a, n, c0);
-  const __m512 px = _mm512_set1_ps(xg[0]);
+  const __m512 px = _mm512_set1_ps(to_float(xg[0]));
   // Statistics: d = (x - px) + (add - pa) summed in four pairs of accumulators (one pair would leave the loop
   // waiting on the add latency), each vector j of a row into pair j % 4.
   __m512 sum[4], sum_sq[4];
   for (int j = 0; j < 4; ++j) sum[j] = sum_sq[j] = _mm512_setzero_ps();
-  const auto accumulate = [&](int j, const float* p, __m512 da, __mmask16 m) {
+  const auto accumulate = [&](int j, const T* p, __m512 da, __mmask16 m) {
     const __m512 d = _mm512_add_ps(_mm512_sub_ps(load16(p, m), px), da);
     sum[j] = _mm512_mask_add_ps(sum[j], m, sum[j], d);
     sum_sq[j] = _mm512_mask3_fmadd_ps(d, d, sum_sq[j], m);
   };
   for (int64_t c = 0; c < cg; ++c) {
     const __m512 da = _mm512_set1_ps(add_of(a, n, c0 + c) - pa);
-    const float* row = xg + c * spatial;
+    const T* row = xg + c * spatial;
     int64_t s = 0;
     for (; s + 64 <= spatial; s += 64)
       for (int j = 0; j < 4; ++j) accumulate(j, row + s + 16 * j, da, 0xffff);
@@ -102,15 +103,15 @@ void forward_group_avx512(const GroupNormArgs<float>& a, const float* x, float* 
     const float w_c = a.weight[c0 + c] * rstd;
     const __m512 w = _mm512_set1_ps(w_c);
     const __m512 kb = _mm512_set1_ps((add_of(a, n, c0 + c) - pa - shift) * w_c + a.bias[c0 + c]);
-    const float* row = xg + c * spatial;
-    float* out = yg + c * spatial;
+    const T* row = xg + c * spatial;
+    T* out = yg + c * spatial;
     const float* uc = kDropout ? ug + c * spatial : nullptr;
     for_row(spatial, [&](int64_t s, __mmask16 m) {
       if (fetch_next) _mm_prefetch(reinterpret_cast<const char*>(row + s + m_group), _MM_HINT_T0);
       __m512 v = _mm512_fmadd_ps(_mm512_sub_ps(load16(row + s, m), px), w, kb);
       if constexpr (kAct) v = silu16(v);
       if constexpr (kDropout) v = _mm512_mul_ps(v, dropout16(load16(uc + s, m), p, scale));
-      _mm512_mask_storeu_ps(out + s, m, v);
+      store16(out + s, m, v);
     });
   }
 }
@@ -122,17 +123,17 @@ void forward_group_avx512(const GroupNormArgs<float>& a, const float* x, float* 
 // forward_group_avx512) position after position, reading the sample from L2 (a sample is at most a few hundred KiB
 // at the U-Net's shapes; NCHW's groups fit L1, so this layout's norm is ~15% slower, what its convolutions win back),
 // and prefetches the next sample for its pass 1 when `fetch_next`. `buf` holds 5 C floats.
-template <bool kAct>
-void forward_sample_nhwc_avx512(const GroupNormArgs<float>& a, const float* x, float* y, float* shift_out,
+template <typename T, bool kAct>
+void forward_sample_nhwc_avx512(const GroupNormArgs<float>& a, const T* x, T* y, float* shift_out,
                                 float* rstd_out, int64_t n, float eps, bool fetch_next, std::vector<float>& buf) {
   const int64_t channels = a.channels, cg = channels / a.groups, spatial = a.spatial;
-  const float* xs = x + n * channels * spatial;
-  float* ys = y + n * channels * spatial;
+  const T* xs = x + n * channels * spatial;
+  T* ys = y + n * channels * spatial;
   buf.resize(5 * channels);
   float *px = buf.data(), *da = px + channels, *sum = da + channels, *sum_sq = sum + channels, *kb = sum_sq + channels;
   for (int64_t c = 0; c < channels; ++c) {
     const int64_t c0 = c - c % cg;
-    px[c] = xs[c0];  // position 0, the group's first channel
+    px[c] = to_float(xs[c0]);  // position 0, the group's first channel
     da[c] = add_of(a, n, c) - add_of(a, n, c0);
   }
   // Pass 1 over chunks of up to kBlocks vectors of channels: the chunk's accumulators stay in registers while the
@@ -151,7 +152,7 @@ void forward_sample_nhwc_avx512(const GroupNormArgs<float>& a, const float* x, f
     }
     const auto run = [&](auto count) {  // count: the chunk's vectors, a compile-time constant (unrolled)
       for (int64_t pos = 0; pos < spatial; ++pos) {
-        const float* row = xs + pos * channels + c0;
+        const T* row = xs + pos * channels + c0;
         for (int64_t j = 0; j < decltype(count)::value; ++j) {
           const __m512 d = _mm512_add_ps(_mm512_sub_ps(load16(row + 16 * j, m[j]), p[j]), d_add[j]);
           s[j] = _mm512_add_ps(s[j], d);
@@ -190,34 +191,34 @@ void forward_sample_nhwc_avx512(const GroupNormArgs<float>& a, const float* x, f
       kb[c] = (da[c] - shift) * w_c + a.bias[c];
     }
   }
-  const float* next = fetch_next ? xs + channels * spatial : nullptr;
+  const T* next = fetch_next ? xs + channels * spatial : nullptr;
   for (int64_t pos = 0; pos < spatial; ++pos) {
-    const float* row = xs + pos * channels;
-    float* out = ys + pos * channels;
+    const T* row = xs + pos * channels;
+    T* out = ys + pos * channels;
     for (int64_t c = 0; c < channels; c += 16) {
       if (next != nullptr) _mm_prefetch(reinterpret_cast<const char*>(next + pos * channels + c), _MM_HINT_T0);
       const __mmask16 m = first_lanes(channels - c);
       __m512 v = _mm512_fmadd_ps(_mm512_sub_ps(load16(row + c, m), load16(px + c, m)), load16(sum + c, m),
                                  load16(kb + c, m));
       if constexpr (kAct) v = silu16(v);
-      _mm512_mask_storeu_ps(out + c, m, v);
+      store16(out + c, m, v);
     }
   }
 }
 
 // The portable backward_group's math in one read of (x, dy) for the gradient terms: pass 1 keeps dz (dy times the
 // dropout factor and SiLU's derivative) in `dz` for pass 2, instead of recomputing its exp and re-reading dy.
-template <bool kAct, bool kDropout>
-void backward_group_avx512(const GroupNormArgs<float>& a, const float* dy, const float* x, const float* shift_in,
-                           const float* rstd_in, float* dx, float* dw_nc, float* db_nc, float* dadd, int64_t i,
+template <typename T, bool kAct, bool kDropout>
+void backward_group_avx512(const GroupNormArgs<float>& a, const T* dy, const T* x, const float* shift_in,
+                           const float* rstd_in, T* dx, float* dw_nc, float* db_nc, float* dadd, int64_t i,
                            std::vector<float>& u, std::vector<float>& dz) {
   const int64_t cg = a.channels / a.groups, spatial = a.spatial, m_group = cg * spatial;
   const int64_t n = i / a.groups, c0 = (i - n * a.groups) * cg;
   const int64_t first = (n * a.channels + c0) * spatial;
-  const float *xg = x + first, *dyg = dy + first;
-  float* dxg = dx + first;
+  const T *xg = x + first, *dyg = dy + first;
+  T* dxg = dx + first;
   const float pa = add_of(a, n, c0), shift = shift_in[i];
-  const __m512 px = _mm512_set1_ps(xg[0]), rstd = _mm512_set1_ps(rstd_in[i]);
+  const __m512 px = _mm512_set1_ps(to_float(xg[0])), rstd = _mm512_set1_ps(rstd_in[i]);
   const int64_t u0 = kDropout ? draw_uniforms(a, n, c0, cg, u) : 0;  // before u.data(): it resizes u
   const float* ug = kDropout ? u.data() + u0 : nullptr;
   const __m512 p = _mm512_set1_ps(a.dropout), scale = _mm512_set1_ps(a.scale);
@@ -228,7 +229,8 @@ void backward_group_avx512(const GroupNormArgs<float>& a, const float* dy, const
     const __m512 krstd = _mm512_mul_ps(_mm512_set1_ps(add_of(a, n, c0 + c) - pa - shift), rstd);
     const float w_c = a.weight[c0 + c];
     const __m512 w = _mm512_set1_ps(w_c), b = _mm512_set1_ps(a.bias[c0 + c]);
-    const float *xr = xg + c * spatial, *dyr = dyg + c * spatial, *uc = kDropout ? ug + c * spatial : nullptr;
+    const T *xr = xg + c * spatial, *dyr = dyg + c * spatial;
+    const float* uc = kDropout ? ug + c * spatial : nullptr;
     float* dzr = dz.data() + c * spatial;
     __m512 dw = _mm512_setzero_ps(), db = _mm512_setzero_ps();
     for_row(spatial, [&](int64_t s, __mmask16 m) {
@@ -252,34 +254,39 @@ void backward_group_avx512(const GroupNormArgs<float>& a, const float* dy, const
   for (int64_t c = 0; c < cg; ++c) {  // pass 2: dx = rstd (dz w - mean_g - xhat mean_gx) and its per-channel sum
     const __m512 krstd = _mm512_mul_ps(_mm512_set1_ps(add_of(a, n, c0 + c) - pa - shift), rstd);
     const __m512 w = _mm512_set1_ps(a.weight[c0 + c]);
-    const float *xr = xg + c * spatial, *dzr = dz.data() + c * spatial;
-    float* dxr = dxg + c * spatial;
+    const T* xr = xg + c * spatial;
+    const float* dzr = dz.data() + c * spatial;
+    T* dxr = dxg + c * spatial;
     __m512 dadd_c = _mm512_setzero_ps();
     for_row(spatial, [&](int64_t s, __mmask16 m) {
       const __m512 xhat = _mm512_fmadd_ps(_mm512_sub_ps(load16(xr + s, m), px), rstd, krstd);
       const __m512 d = _mm512_mul_ps(
           rstd, _mm512_sub_ps(_mm512_fmsub_ps(load16(dzr + s, m), w, mean_g), _mm512_mul_ps(xhat, mean_gx)));
-      _mm512_mask_storeu_ps(dxr + s, m, d);
+      store16(dxr + s, m, d);
       dadd_c = _mm512_mask_add_ps(dadd_c, m, dadd_c, d);
     });
     if (dadd != nullptr) dadd[n * a.channels + c0 + c] = _mm512_reduce_add_ps(dadd_c);
   }
 }
 
-#define DDPM_INSTANTIATE(act, dropout)                                                                             \
-  template void forward_group_avx512<act, dropout>(const GroupNormArgs<float>&, const float*, float*, float*,      \
-                                                   float*, int64_t, int64_t, float, std::vector<float>&);         \
-  template void backward_group_avx512<act, dropout>(const GroupNormArgs<float>&, const float*, const float*,       \
-                                                    const float*, const float*, float*, float*, float*, float*,    \
-                                                    int64_t, std::vector<float>&, std::vector<float>&);
-template void forward_sample_nhwc_avx512<false>(const GroupNormArgs<float>&, const float*, float*, float*, float*,
-                                               int64_t, float, bool, std::vector<float>&);
-template void forward_sample_nhwc_avx512<true>(const GroupNormArgs<float>&, const float*, float*, float*, float*,
-                                              int64_t, float, bool, std::vector<float>&);
-DDPM_INSTANTIATE(false, false)
-DDPM_INSTANTIATE(false, true)
-DDPM_INSTANTIATE(true, false)
-DDPM_INSTANTIATE(true, true)
+#define DDPM_INSTANTIATE(T, act, dropout)                                                                          \
+  template void forward_group_avx512<T, act, dropout>(const GroupNormArgs<float>&, const T*, T*, float*, float*,     \
+                                                      int64_t, int64_t, float, std::vector<float>&);              \
+  template void backward_group_avx512<T, act, dropout>(const GroupNormArgs<float>&, const T*, const T*,             \
+                                                       const float*, const float*, T*, float*, float*, float*,      \
+                                                       int64_t, std::vector<float>&, std::vector<float>&);
+#define DDPM_INSTANTIATE_ALL(T)                                                                                    \
+  template void forward_sample_nhwc_avx512<T, false>(const GroupNormArgs<float>&, const T*, T*, float*, float*,     \
+                                                     int64_t, float, bool, std::vector<float>&);                   \
+  template void forward_sample_nhwc_avx512<T, true>(const GroupNormArgs<float>&, const T*, T*, float*, float*,      \
+                                                    int64_t, float, bool, std::vector<float>&);                    \
+  DDPM_INSTANTIATE(T, false, false)                                                                                \
+  DDPM_INSTANTIATE(T, false, true)                                                                                 \
+  DDPM_INSTANTIATE(T, true, false)                                                                                 \
+  DDPM_INSTANTIATE(T, true, true)
+DDPM_INSTANTIATE_ALL(float)
+DDPM_INSTANTIATE_ALL(uint16_t)
+#undef DDPM_INSTANTIATE_ALL
 #undef DDPM_INSTANTIATE
 
 }  // namespace cpu

@@ -1,5 +1,5 @@
 // What the CPU GroupNorm kernels share: the arguments of one op call and their lookups (group_norm.cpp: the
-// portable kernels for every dtype and layout; group_norm_avx512.cpp: float32 contiguous with AVX-512 intrinsics).
+// portable kernels for every dtype and layout; group_norm_avx512.cpp: float32 and bf16 with AVX-512 intrinsics).
 #pragma once
 #include <cstdint>
 #include <vector>
@@ -46,18 +46,19 @@ inline int64_t draw_uniforms(const GroupNormArgs<acc_t>& a, int64_t n, int64_t c
   return first - 4 * q0;
 }
 
-// One (sample, group) i of float32 contiguous x with AVX-512 (group_norm_avx512.cpp); the same math as the portable
-// forward_group / backward_group of group_norm.cpp, explicitly vectorized (FMA, exp through vscalefps, masked tails).
-template <bool kAct, bool kDropout>
-void forward_group_avx512(const GroupNormArgs<float>& a, const float* x, float* y, float* shift_out, float* rstd_out,
+// One (sample, group) i of contiguous x with AVX-512 (group_norm_avx512.cpp), T = float or uint16_t (bf16's bits);
+// the same math as the portable forward_group / backward_group of group_norm.cpp in float32, explicitly vectorized
+// (FMA, exp through vscalefps, masked tails), bf16 rounded once on store as c10::BFloat16.
+template <typename T, bool kAct, bool kDropout>
+void forward_group_avx512(const GroupNormArgs<float>& a, const T* x, T* y, float* shift_out, float* rstd_out,
                           int64_t i, int64_t batch_groups, float eps, std::vector<float>& u);
-// One sample of float32 channels_last x without dropout, all its groups (the layout interleaves them).
-template <bool kAct>
-void forward_sample_nhwc_avx512(const GroupNormArgs<float>& a, const float* x, float* y, float* shift_out,
-                                float* rstd_out, int64_t n, float eps, bool fetch_next, std::vector<float>& buf);
-template <bool kAct, bool kDropout>
-void backward_group_avx512(const GroupNormArgs<float>& a, const float* dy, const float* x, const float* shift_in,
-                           const float* rstd_in, float* dx, float* dw_nc, float* db_nc, float* dadd, int64_t i,
+// One sample of channels_last x without dropout, all its groups (the layout interleaves them).
+template <typename T, bool kAct>
+void forward_sample_nhwc_avx512(const GroupNormArgs<float>& a, const T* x, T* y, float* shift_out, float* rstd_out,
+                                int64_t n, float eps, bool fetch_next, std::vector<float>& buf);
+template <typename T, bool kAct, bool kDropout>
+void backward_group_avx512(const GroupNormArgs<float>& a, const T* dy, const T* x, const float* shift_in,
+                           const float* rstd_in, T* dx, float* dw_nc, float* db_nc, float* dadd, int64_t i,
                            std::vector<float>& u, std::vector<float>& dz);
 
 }  // namespace cpu

@@ -9,7 +9,7 @@
 #include "softmax_cpu.h"
 
 #pragma GCC push_options
-#pragma GCC target("avx512f")
+#pragma GCC target("avx512f,avx512bw,avx512vl")
 #include "avx512_math.h"
 
 namespace ddpm_fast {

@@ -115,13 +115,14 @@ def _register_cpp_extras() -> None:
     def _(x, norm_weight, norm_bias, score_weight, score_bias, out_weight, out_bias, num_groups, eps):
         n, c, tokens = x.shape[0], x.shape[1], x.shape[2] * x.shape[3]
         acc = acc_dtype(x.dtype)
+        compute = torch.bfloat16 if x.dtype == torch.bfloat16 else acc  # the GEMMs' dtype (attention.cpp)
         # y, h and g in x's layout: channels_last (as the kernel sees it) makes h and g transposed (n, L, c) buffers
         channels_last = is_channels_last(x)
         y = torch.empty_like(x, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-        per_token = [x.new_empty((n, tokens, c), dtype=acc).transpose(1, 2) if channels_last
-                     else x.new_empty((n, c, tokens), dtype=acc) for _ in range(2)]
+        per_token = [x.new_empty((n, tokens, c), dtype=compute).transpose(1, 2) if channels_last
+                     else x.new_empty((n, c, tokens), dtype=compute) for _ in range(2)]
         stats = x.new_empty((n, num_groups), dtype=acc)
-        return (y, *per_token, x.new_empty((n, tokens, c), dtype=acc), x.new_empty((n, tokens), dtype=acc), stats,
+        return (y, *per_token, x.new_empty((n, tokens, c), dtype=compute), x.new_empty((n, tokens), dtype=acc), stats,
                 torch.empty_like(stats))
 
     @torch.library.register_fake("ddpm_fast::attention_block_backward")
@@ -185,7 +186,7 @@ def attention_block(x: torch.Tensor, norm_weight: torch.Tensor, norm_bias: torch
     if folded is None:
         folded = fold_weights(qkv_weight, qkv_bias, proj_weight, proj_bias)
     op = torch.ops.ddpm_fast.attention_block if chosen == "cpp" else _triton()
-    if torch.is_autocast_enabled(x.device.type):  # the op runs its GEMMs in float32 and returns x's dtype itself;
-        with torch.autocast(x.device.type, enabled=False):  # autocast would turn them bf16 under its buffers
+    if torch.is_autocast_enabled(x.device.type):  # the op picks its GEMMs' dtype from x's and returns x's dtype;
+        with torch.autocast(x.device.type, enabled=False):  # autocast would recast them under its buffers
             return op(x, norm_weight, norm_bias, *folded, num_groups, float(eps))[0]
     return op(x, norm_weight, norm_bias, *folded, num_groups, float(eps))[0]

@@ -1,14 +1,17 @@
 """The U-Net's convolutions, y = conv2d(x, W, b) (+ residual), with the residual add of a ResBlock fused in.
 
-In CPU inference ("cpp", float32, no gradient, no autocast, not compiling) they run on oneDNN through torch's own
-mkldnn ops, with the weights packed once into oneDNN's blocked format and kept (PackedConv), the residual added as
-the convolution's post-op, and channels_last activations whatever the model's layout. F.conv2d reorders the weights
-on every call (a third of a small 3x3 convolution's time at batch 16 here: 511 -> 381 us at 16x32x16x16 with the
-add fused; 5-8% at the cifar10 preset's shapes), the add is one more pass over the output, and oneDNN's packed
-convolutions run 10-30% faster on channels_last input than on NCHW at the U-Net's shapes (the fused GroupNorm and
-attention take either layout; the network's output comes back channels_last). The packed path is torch's (the
-kernels inductor's freezing uses), not ours: the arithmetic is oneDNN's either way, so the outputs agree with
-F.conv2d's to rounding. Elsewhere (GPU, autograd, autocast, other dtypes, "reference"): F.conv2d, then the add.
+In CPU inference ("cpp", no gradient, not compiling; float32, or bf16: under bf16 autocast or with a bf16 model)
+they run on oneDNN through torch's own mkldnn ops, with the weights packed once into oneDNN's blocked format in the
+compute dtype and kept (PackedConv), the residual added as the convolution's post-op, and channels_last activations
+whatever the model's layout. F.conv2d reorders the weights on every call (a third of a small 3x3 convolution's time
+at batch 16 here: 511 -> 381 us at 16x32x16x16 with the add fused; 5-8% at the cifar10 preset's shapes), the add is
+one more pass over the output, and oneDNN's packed convolutions run 10-30% faster on channels_last input than on
+NCHW at the U-Net's shapes (the fused GroupNorm and attention take either layout; the network's output comes back
+channels_last). Under bf16 autocast the input is cast to bf16 as autocast would, and the weights are packed as
+bf16 once instead of cast on every call: with AVX512-BF16 (or AMX) oneDNN's bf16 convolutions are 1.8-2.5x its
+float32 ones at the U-Net's shapes here (bench/RESULTS.md). The packed path is torch's (the kernels inductor's
+freezing uses), not ours: the arithmetic is oneDNN's either way, so the outputs agree with F.conv2d's to rounding.
+Elsewhere (GPU, autograd, float16 autocast, other dtypes, "reference"): F.conv2d, then the add.
 """
 from __future__ import annotations
 
@@ -49,15 +52,17 @@ class PackedConv(nn.Conv2d):
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         return conv2d(self, x, residual)
 
-    def packed_weight(self, x: torch.Tensor) -> torch.Tensor:
-        """The weights in oneDNN's format for channels_last input of x's shape."""
-        key = (tuple(x.shape), weights_key(self.weight))
+    def packed_weight(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The weights in oneDNN's format for channels_last input of x's shape and dtype, and the bias in x's dtype
+        (oneDNN's bf16 convolution takes a bf16 bias)."""
+        key = (tuple(x.shape), x.dtype, weights_key(self.weight, *([] if self.bias is None else [self.bias])))
         if key not in self._packed:
             if len(self._packed) >= 2:  # a copy of the weights each: keep two (a sampler's batch and its last one)
                 self._packed.clear()
-            self._packed[key] = torch._C._nn.mkldnn_reorder_conv2d_weight(
-                self.weight.contiguous(memory_format=torch.channels_last).to_mkldnn(), list(self.padding),
-                list(self.stride), list(self.dilation), self.groups, list(x.shape))
+            weight = self.weight.to(x.dtype).contiguous(memory_format=torch.channels_last)
+            self._packed[key] = (torch._C._nn.mkldnn_reorder_conv2d_weight(
+                weight.to_mkldnn(), list(self.padding), list(self.stride), list(self.dilation), self.groups,
+                list(x.shape)), None if self.bias is None else self.bias.to(x.dtype))
         return self._packed[key]
 
     def __getstate__(self):  # copy.deepcopy, pickle: oneDNN's packed tensors have no storage to copy
@@ -68,13 +73,18 @@ class PackedConv(nn.Conv2d):
         return super()._apply(fn, *args, **kwargs)
 
 
-def _packed_path(conv: PackedConv, x: torch.Tensor, residual) -> bool:
-    return (_MKLDNN and x.device.type == "cpu" and x.dtype == torch.float32 and conv.weight.dtype == torch.float32
-            and x.dim() == 4
-            and (x.is_contiguous() or is_channels_last(x)) and conv.padding_mode == "zeros"
-            and not isinstance(conv.padding, str) and not torch.is_grad_enabled()
-            and not torch.compiler.is_compiling() and not torch.is_autocast_enabled("cpu")
-            and (residual is None or residual.dtype == torch.float32))
+def _packed_dtype(conv: PackedConv, x: torch.Tensor) -> torch.dtype | None:
+    """The dtype the packed path runs in for this call (module docstring), None where it does not apply: bf16 under
+    bf16 autocast (autocast's own rule for conv2d, with float32 weights), else x's dtype where it is the weights' and
+    float32 or bf16."""
+    if not (_MKLDNN and x.device.type == "cpu" and x.dim() == 4 and (x.is_contiguous() or is_channels_last(x))
+            and conv.padding_mode == "zeros" and not isinstance(conv.padding, str) and not torch.is_grad_enabled()
+            and not torch.compiler.is_compiling()):
+        return None
+    if torch.is_autocast_enabled("cpu"):
+        ok = torch.get_autocast_dtype("cpu") == torch.bfloat16 and conv.weight.dtype == torch.float32
+        return torch.bfloat16 if ok else None
+    return x.dtype if x.dtype == conv.weight.dtype and x.dtype in (torch.float32, torch.bfloat16) else None
 
 
 def conv2d(conv: nn.Conv2d, x: torch.Tensor, residual: torch.Tensor | None = None, *,
@@ -83,12 +93,14 @@ def conv2d(conv: nn.Conv2d, x: torch.Tensor, residual: torch.Tensor | None = Non
     applies (module docstring), F.conv2d otherwise. Backends: "cpp" the packed path (CPU), "reference" F.conv2d;
     "triton" also F.conv2d (no Triton kernel of ours: under use_backend("triton") convolutions are torch's)."""
     chosen = _registry.choose("conv2d", x.device, IMPLEMENTED, backend, ORDER)
-    if chosen == "cpp" and isinstance(conv, PackedConv) and _packed_path(conv, x, residual):
-        x = x.contiguous(memory_format=torch.channels_last)  # (a copy for the network's first convolution only)
-        args = (conv.packed_weight(x), conv.bias, list(conv.padding), list(conv.stride), list(conv.dilation),
-                conv.groups)
-        if residual is not None and residual.is_contiguous(memory_format=torch.channels_last):
+    dtype = _packed_dtype(conv, x) if chosen == "cpp" and isinstance(conv, PackedConv) else None
+    if dtype is not None:
+        x = x.to(dtype, memory_format=torch.channels_last)  # (a copy for the network's first convolution only)
+        weight, bias = conv.packed_weight(x)
+        args = (weight, bias, list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
+        if residual is not None and residual.dtype == dtype \
+                and residual.is_contiguous(memory_format=torch.channels_last):
             return torch.ops.mkldnn._convolution_pointwise.binary(x, residual, *args, "add", None, None, [], None)
         out = torch.ops.mkldnn._convolution_pointwise(x, *args, "none", [], "")
-        return out if residual is None else residual + out
+        return out if residual is None else residual + out  # (eager's promotion for a residual of another dtype)
     return conv2d_reference(x, conv.weight, conv.bias, conv.stride, conv.padding, residual)
