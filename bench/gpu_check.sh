@@ -215,7 +215,7 @@ import sys
 import torch
 
 import ddpm_fast
-from ddpm_fast.ops import _registry, attention, conv, diffusion_step, group_norm, philox
+from ddpm_fast.ops import _registry, attention, diffusion_step, group_norm, philox
 
 status = ddpm_fast.backends()
 for name, s in status.items():
@@ -227,7 +227,7 @@ gpu = (f"{torch.cuda.get_device_name()} sm_{''.join(map(str, torch.cuda.get_devi
 print(f"torch {torch.__version__} (CUDA {torch.version.cuda}), {gpu}")
 choices = {module.__name__.rsplit(".", 1)[1]: _registry.choose(module.__name__, device, module.IMPLEMENTED,
                                                                order=getattr(module, "ORDER", None))
-           for module in (philox, diffusion_step, group_norm, attention, conv)}
+           for module in (philox, diffusion_step, group_norm, attention)}  # (convolutions: torch's)
 print(f"default backend per op on {device.type}: " + ", ".join(f"{op} {b}" for op, b in choices.items()))
 module, _ = _registry._cpp_module()
 with_cuda = module is not None and module.with_cuda

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ddpm_fast import checks
 from ddpm_fast import schedule as _schedule
 from ddpm_fast.diffusion import Diffusion
 from ddpm_fast.unet import UNet
@@ -458,7 +459,8 @@ def save(directory, model: UNet, *, ema: Mapping | None = None, optimizer: torch
          step: int = 0, training: Mapping | None = None, data: Mapping | None = None,
          state: Mapping | None = None) -> Path:
     """Write a checkpoint folder at `directory` atomically (built as a temporary sibling, then renamed; an existing
-    folder of that name is replaced). Returns the folder.
+    folder of that name is replaced: moved aside first and deleted only once the new one is in place, so that a
+    crash in between leaves one of the two, which the next save or load puts back). Returns the folder.
 
     :param model: its weights, its config and its diffusion (Diffusion() if it has none) are saved.
     :param ema: the EMA weights (a state dict of the model's names), if any.
@@ -467,6 +469,7 @@ def save(directory, model: UNet, *, ema: Mapping | None = None, optimizer: torch
     :param data: how the data was read (image size, channels, scaling); DATA_SCALING is recorded always.
     """
     directory = Path(directory)
+    _recover(directory)
     tmp = directory.with_name(f".{directory.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -487,20 +490,34 @@ def save(directory, model: UNet, *, ema: Mapping | None = None, optimizer: torch
         _write_json(tmp / "state.json", meta)
     manifest = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir())}
     _write_json(tmp / "manifest.json", manifest)
-    if directory.exists():
-        shutil.rmtree(directory)
+    aside = directory.with_name(f".{directory.name}.old{os.getpid()}")
+    if directory.exists():  # (a folder cannot be renamed over a full one: aside first, removed after)
+        shutil.rmtree(aside, ignore_errors=True)
+        os.replace(directory, aside)
     os.replace(tmp, directory)
+    shutil.rmtree(aside, ignore_errors=True)
     return directory
+
+
+def _recover(directory: Path) -> None:
+    """A checkpoint folder that a crash left moved aside (save's .NAME.old<pid>) goes back under its name, if the
+    name is free."""
+    if not directory.exists():
+        aside = sorted(directory.parent.glob(f".{directory.name}.old*"))
+        if aside:
+            os.replace(aside[-1], directory)
 
 
 def _checkpoint_folder(path) -> Path:
     """A checkpoint folder: `path` itself, or the one a run folder's `latest` names."""
     path = Path(path)
+    _recover(path)
     if not path.exists():
         raise FileNotFoundError(f"no checkpoint at {path}")
     if (path / "latest").is_file() and not (path / "config.json").exists():
         name = (path / "latest").read_text().strip()
         path = path / name
+        _recover(path)
         if not path.is_dir():
             raise FileNotFoundError(f"{path.parent / 'latest'} names {name}, which does not exist")
     if not path.is_dir() or not (path / "manifest.json").is_file():
@@ -537,6 +554,7 @@ def load(path, *, weights: str | None = None, device=None) -> UNet:
     :param weights: "ema" (the default where the checkpoint has them) or "model" (the raw trained weights).
     :param device: where to put the model (default: the CPU).
     """
+    device = checks.device(device if device is not None else "cpu")
     folder, config = verify(path)
     if weights not in (None, "ema", "model"):
         raise ValueError(f"weights must be 'ema' or 'model', got {weights!r}")
@@ -546,7 +564,7 @@ def load(path, *, weights: str | None = None, device=None) -> UNet:
     file = folder / f"{weights or ('ema' if has_ema else 'model')}.safetensors"
     model = UNet(**config["unet"], diffusion=diffusion_from_config(config["diffusion"]))
     load_checked(model, read_state_dict(file))
-    return model.to(device or "cpu").eval()
+    return model.to(device).eval()
 
 
 def read_training_state(path, model: nn.Module, ema: dict | None, optimizer: torch.optim.Optimizer | None) -> dict:

@@ -61,7 +61,7 @@ def _sample(args) -> None:
                               batch_size=args.batch_size, device=args.device, progress=not args.quiet,
                               out=args.out, out_format=args.format, network_dtype=_network_dtype(args))
     seconds = time.perf_counter() - begin
-    where = result if args.out else ddpm_fast.save_grid(result, args.output)
+    where = result if args.out else ddpm_fast.save_grid(result, args.output, scale=args.scale)
     steps = args.steps or model.diffusion.num_timesteps
     _say(args, f"wrote {args.n} samples to {where} ({args.sampler}, {steps} steps; {seconds:.1f} s, "
                f"{args.n / seconds:.2f} images/s)")
@@ -95,7 +95,7 @@ def _nll(args) -> None:
     model = _model(args.model, args.device)
     images, _ = _data(args.data)
     report = ddpm_fast.nll(model, images, batch_size=args.batch_size, seed=args.seed, device=args.device,
-                           limit=args.limit, progress=not args.quiet)
+                           limit=args.limit, progress=not args.quiet, network_dtype=_network_dtype(args))
     _say(args, str(report))
 
 
@@ -154,7 +154,7 @@ def _progressive(args) -> None:
     model = _model(args.model, args.device)
     result = ddpm_fast.sample(model, args.n, seed=args.seed, device=args.device, progress=not args.quiet,
                               return_intermediates=args.every)
-    path = result.save_grid(args.output, which=args.which, max_images=args.n)
+    path = result.save_grid(args.output, which=args.which, max_images=args.n, scale=args.scale)
     _say(args, f"wrote {path}: {args.n} images (rows), {args.which} at t = {', '.join(map(str, result.timesteps))}, "
                "then the sample")
 
@@ -237,6 +237,12 @@ def _positive(text: str) -> int:
     return value
 
 
+def _scale_option(p) -> None:
+    p.add_argument("--scale", type=_positive, default=None,
+                   help="enlarge the PNG grid this many times, repeating pixels (default: each image at least 64 "
+                        "pixels wide, 8x for the 8x8 digits)")
+
+
 def _network_dtype_option(p) -> None:
     p.add_argument("--network-dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="the network's precision (default auto: bf16 on a GPU or a CPU with native bf16, else "
@@ -267,6 +273,9 @@ def _parser() -> argparse.ArgumentParser:
         if data:
             p.add_argument("--data", default="digits", help=DATA_HELP + " (default: digits)")
         p.add_argument("--quiet", action="store_true", help="no progress bar")
+        p.add_argument("--threads", type=_positive, default=None,
+                       help="CPU threads for torch and our kernels (default: torch's, one per core); on a machine "
+                            "another busy process shares, fewer (1 on 2 cores) avoids threads waiting on each other")
         p.set_defaults(handler=run)
         return p
 
@@ -276,11 +285,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="instead of a grid, stream the images into this folder (resumable)")
     p.add_argument("--format", default="png", choices=["png", "npz"], help="--out's files (default png)")
     p.add_argument("--sampler", default="ddpm", choices=["ddpm", "ddim"], help="(default ddpm, the paper's)")
-    p.add_argument("--steps", type=_positive, default=None, help="respaced steps (default: all T = 1000)")
+    p.add_argument("--steps", type=_positive, default=None,
+                   help="respaced steps (default: all T = 1000; k keeps k of them evenly from t = 0 to T-1, and 1 "
+                        "keeps T-1: one step from x_T to x_0, a blurry mean image)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM's eta (default 0: deterministic)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=_positive, default=None)
     _network_dtype_option(p)
+    _scale_option(p)
 
     p = command("train", _train, "train a model (default: the bundled recipe on the bundled digits)", model=False)
     p.add_argument("--data", default="digits", help="training images: digits (the bundled digits' train split, "
@@ -300,6 +312,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=_positive, default=None, help="the first N images only")
     p.add_argument("--batch-size", type=_positive, default=64)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--network-dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="the network's precision (default float32: the bound in full precision)")
 
     p = command("rate-distortion", _rate_distortion, "progressive coding: rate and distortion per t (CSV + PNG)",
                 data=True)
@@ -330,6 +344,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", default="progressive.png")
     p.add_argument("--every", type=_positive, default=100, help="record every N-th step (default 100)")
     p.add_argument("--which", default="x0_hat", choices=["x0_hat", "x_t"])
+    _scale_option(p)
     p.add_argument("--seed", type=int, default=0)
 
     p = command("bench", _bench, "time the sampler per step on every available backend")
@@ -351,6 +366,10 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     try:
+        if args.threads is not None:
+            import torch
+
+            torch.set_num_threads(args.threads)
         args.handler(args)
     except (ValueError, NotImplementedError, FloatingPointError, MemoryError, OSError) as error:
         print(f"ddpm-fast {args.command}: error: {str(error).splitlines()[0] if str(error) else type(error).__name__}",

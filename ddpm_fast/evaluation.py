@@ -22,7 +22,8 @@ from ddpm_fast.data import load_images, to_model_range
 from ddpm_fast.diffusion import Diffusion
 from ddpm_fast.inception import FIDInception
 from ddpm_fast.ops import philox
-from ddpm_fast.sampling import _check_positive_int, _model_device, _resolve_diffusion, eval_mode
+from ddpm_fast import checks
+from ddpm_fast.sampling import Autocast, _model_device, _resolve_diffusion, eval_mode
 
 
 @dataclass
@@ -50,30 +51,38 @@ class NLLReport:
 def _setup(model, diffusion, device):
     """The process (as sample(): the argument, else the model's, else Diffusion()) and the device (the argument, else
     the model's, else the CPU)."""
-    device = device if device is not None else (_model_device(model) or torch.device("cpu"))
-    return _resolve_diffusion(model, diffusion, None, None), torch.device(device)
+    device = checks.device(device) if device is not None else (_model_device(model) or torch.device("cpu"))
+    return _resolve_diffusion(model, diffusion, None, None), device
 
 
 def nll(model, data, *, diffusion: Diffusion | None = None, batch_size: int = 64, seed: int = 0, device=None,
-        limit: int | None = None, progress: bool = True) -> NLLReport:
+        limit: int | None = None, progress: bool = True, network_dtype: torch.dtype = torch.float32) -> NLLReport:
     """The variational bound of every image of `data`, all T terms (T model calls per batch), in bits/dim.
 
     :param data: uint8 images or a path (as ddpm_fast.train reads them: data.load_images).
     :param limit: the first `limit` images only. :param seed: the key of q(x_t | x0)'s noise (Philox stream 6,
         keyed by the image's index in the dataset and t), as Diffusion.nll_bpd.
+    :param network_dtype: float32 (the default: the bound in full precision), or bfloat16 / float16 to run the
+        network under autocast as sample() does (the README's precision check compares the two).
     """
+    if network_dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"network_dtype must be torch.float32, torch.bfloat16 or torch.float16, got {network_dtype!r}")
+    checks.positive_int("batch_size", batch_size)
+    checks.optional_positive_int("limit", limit)
+    checks.flag("progress", progress)
     diffusion, device = _setup(model, diffusion, device)
+    network = model if network_dtype == torch.float32 else Autocast(model, device.type, network_dtype)
     images = load_images(data, progress=progress)
+    checks.image_shape(model, tuple(images.shape[1:]), "the data's images")
     if limit is not None:
         images = images[:limit]
-    _check_positive_int("batch_size", batch_size)
     totals, priors, terms, mse = [], [], [], []
     with eval_mode(model), tqdm(total=len(images) * diffusion.num_timesteps, desc="bound", unit="term",
                                 disable=not progress) as bar:
         for start in range(0, len(images), batch_size):
             x0 = to_model_range(images[start:start + batch_size].to(device))
             index = torch.arange(start, start + len(x0), device=device)
-            result = diffusion.nll_bpd(model, x0, seed=seed, sample_index=index)
+            result = diffusion.nll_bpd(network, x0, seed=seed, sample_index=index)
             totals.append(result.total.cpu())
             priors.append(result.prior.cpu())
             terms.append(result.terms.cpu())
@@ -369,12 +378,12 @@ def inception_stats(images, *, weights=None, batch_size: int = 50, device=None,
     :param weights: the FID Inception's weight file (see inception.find_weights), or an FIDInception.
     :param device: default: CUDA if there is one. Convolutions run in float32 (TF32 off: the numbers are TF's).
     """
-    _check_positive_int("batch_size", batch_size)
+    checks.positive_int("batch_size", batch_size)
     pixels = _fid_pixels(images)
     if len(pixels) < 2:
         raise ValueError(f"FID statistics need at least 2 images, got {len(pixels)}")
     network = weights if isinstance(weights, FIDInception) else FIDInception.from_file(weights)
-    device = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
+    device = checks.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
     network = network.to(device)
     features = []
     bar = tqdm(total=len(pixels), desc="inception", unit="img", disable=not progress)

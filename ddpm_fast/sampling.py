@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ddpm_fast import memory
+from ddpm_fast import checks, memory
 from ddpm_fast import sample_store as _sample_store
 from ddpm_fast.diffusion import Diffusion
 from ddpm_fast.images import save_grid, to_uint8
@@ -46,9 +46,11 @@ class SampleResult(NamedTuple):
     x_t: torch.Tensor              # (K, n, C, H, W): the state entering each recorded step
     x0_hat: torch.Tensor           # (K, n, C, H, W): the prediction of x0 at that step (clipped if clip_denoised)
 
-    def save_grid(self, path: str | os.PathLike, which: str = "x0_hat", max_images: int = 8) -> Path:
+    def save_grid(self, path: str | os.PathLike, which: str = "x0_hat", max_images: int = 8,
+                  scale: int | None = None) -> Path:
         """A PNG with one row per image (the first max_images) and one column per recorded step, t falling from left
-        to right, then the final image; `which` is "x0_hat" or "x_t" (values outside [-1, 1] are clipped)."""
+        to right, then the final image; `which` is "x0_hat" or "x_t" (values outside [-1, 1] are clipped); `scale`
+        as images.save_grid's."""
         if which not in ("x0_hat", "x_t"):
             raise ValueError(f"which must be 'x0_hat' or 'x_t', got {which!r}")
         if isinstance(max_images, bool) or not isinstance(max_images, int) or max_images < 1:
@@ -56,7 +58,7 @@ class SampleResult(NamedTuple):
         steps = getattr(self, which)[:, :max_images].clamp(-1, 1)  # (K, m, C, H, W)
         final = self.images[:max_images].unsqueeze(0)
         rows = torch.cat([steps, final]).transpose(0, 1)  # (m, K + 1, C, H, W): image after image
-        return save_grid(rows.reshape(-1, *rows.shape[2:]), path, nrow=rows.shape[1])
+        return save_grid(rows.reshape(-1, *rows.shape[2:]), path, nrow=rows.shape[1], scale=scale)
 
 
 def _recorded_steps(steps_count: int, every: int) -> list[int]:
@@ -134,6 +136,7 @@ def _resolve_shape(model, shape) -> tuple[int, ...]:
     if not isinstance(shape, (tuple, list)) or not shape or \
             any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in shape):
         raise ValueError(f"shape must be a tuple of positive ints like (C, H, W), got {shape!r}")
+    checks.image_shape(model, tuple(shape), "shape")
     return tuple(shape)
 
 
@@ -168,12 +171,6 @@ def _batch_size(model, shape, device, n: int, asked: int | None, held_images: in
     return min(want, fits)
 
 
-def _check_positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
-
-
 def cpu_has_fast_bf16() -> bool:
     """Does this CPU multiply bf16 natively (AVX512-BF16 or AMX) for oneDNN, whose bf16 convolutions and GEMMs are
     then 2-4x its float32 ones at the U-Net's shapes (bench/RESULTS.md)? Elsewhere bf16 is emulated and slower."""
@@ -202,8 +199,9 @@ def _network_dtype(asked, device: torch.device) -> torch.dtype:
     return asked
 
 
-class _Autocast:
-    """model(x, t) under autocast to `dtype` (its own weight-cast cache off: a CUDA graph must capture the casts)."""
+class Autocast:
+    """model(x, t) under autocast to `dtype` (its own weight-cast cache off: a CUDA graph must capture the casts);
+    what network_dtype runs (sample, and nll in evaluation.py)."""
 
     def __init__(self, model, device_type: str, dtype: torch.dtype):
         self.model, self.device_type, self.dtype = model, device_type, dtype
@@ -384,7 +382,7 @@ def sample(model, n: int, *, diffusion: Diffusion | None = None, sampler: str = 
         update stay float32).
     :return: float32 (n, C, H, W) in [-1, 1] on `device`, a SampleResult, or (with out=) the folder's Path.
     """
-    n = _check_positive_int("n", n)
+    n = checks.positive_int("n", n)
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
     if isinstance(return_intermediates, bool) or not isinstance(return_intermediates, int) \
@@ -397,15 +395,18 @@ def sample(model, n: int, *, diffusion: Diffusion | None = None, sampler: str = 
         raise ValueError("eta applies to sampler='ddim' only")
     if not callable(model):
         raise ValueError(f"model must be callable as model(x_t, t), got {type(model).__name__}")
+    for name, value in (("progress", progress), ("cuda_graph", cuda_graph)):
+        checks.flag(name, value)
+    checks.choice("out_format", out_format, _sample_store.FORMATS)
     philox._check_seed(seed)
     if batch_size is not None:
-        _check_positive_int("batch_size", batch_size)
+        checks.positive_int("batch_size", batch_size)
     shape = _resolve_shape(model, shape)
     diffusion = _resolve_diffusion(model, diffusion, variance, steps)
     clip_denoised = diffusion._clip(clip_denoised)
 
     model_device = _model_device(model)
-    device = torch.device(device) if device is not None else (model_device or torch.device("cpu"))
+    device = checks.device(device) if device is not None else (model_device or torch.device("cpu"))
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     if model_device is not None and model_device != device:
@@ -413,7 +414,7 @@ def sample(model, n: int, *, diffusion: Diffusion | None = None, sampler: str = 
 
     dtype = _network_dtype(network_dtype, device)
     layout = _memory_format(model)
-    network = model if dtype == torch.float32 else _Autocast(model, device.type, dtype)
+    network = model if dtype == torch.float32 else Autocast(model, device.type, dtype)
     table = diffusion.step_table(device, torch.float32, sampler, eta)  # the step's rows (checks eta)
     steps_count = diffusion.num_timesteps
     recorded = _recorded_steps(steps_count, return_intermediates) if return_intermediates else []

@@ -36,8 +36,10 @@ def coefficient_tables(betas: torch.Tensor, variance: str) -> dict[str, torch.Te
     if variance not in VARIANCES:
         raise ValueError(f"unknown variance {variance!r}; choose one of {', '.join(VARIANCES)}")
     betas = betas.to(torch.float64)
-    if betas.dim() != 1 or len(betas) < 1 or not bool(((betas > 0) & (betas <= 1)).all()):
-        raise ValueError("betas must be a non-empty 1-D tensor with values in (0, 1]")
+    if betas.dim() != 1 or len(betas) < 1 or not bool(((betas > 0) & (betas < 1)).all()):
+        # (a beta of 1 makes abar 0 from there on: infinite sqrt(1 / abar) and posterior tables)
+        raise ValueError("betas must be a non-empty 1-D tensor with values in (0, 1), got "
+                         + (f"{betas.min().item():g} .. {betas.max().item():g}" if betas.numel() else "none"))
     alphas = 1.0 - betas
     alphas_cumprod = torch.cumprod(alphas, 0)
     alphas_cumprod_prev = torch.cat([alphas_cumprod.new_ones(1), alphas_cumprod[:-1]])
@@ -78,9 +80,13 @@ def respaced_betas(alphas_cumprod: torch.Tensor, kept: torch.Tensor) -> torch.Te
 
 
 def respaced_timesteps(timesteps: int, steps: int) -> torch.Tensor:
-    """The kept timesteps for `steps` < T: linspace(0, T-1, steps).round() (unique, with 0 and T-1), int64."""
+    """The kept timesteps for `steps` < T, int64: linspace(0, T-1, steps).round() (unique; 0 and T-1 among them)
+    for steps >= 2, and T-1 alone for steps = 1: the one step then starts from x_T at x_T's noise level (t = 0
+    alone, what linspace gives, would read the noise x_T as a nearly clean image and return it clipped)."""
     if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= timesteps:
         raise ValueError(f"steps must be an int in [1, {timesteps}], got {steps!r}")
+    if steps == 1:
+        return torch.tensor([timesteps - 1], dtype=torch.int64)
     kept = torch.linspace(0, timesteps - 1, steps, dtype=torch.float64).round().long()
     return torch.unique(kept)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
+import hashlib
 import json
 import os
 import queue
@@ -27,7 +28,7 @@ import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
-from ddpm_fast import checkpoint
+from ddpm_fast import checkpoint, checks
 from ddpm_fast.data import load_images, to_model_range
 from ddpm_fast.diffusion import OBJECTIVES, Diffusion
 from ddpm_fast.ops import philox
@@ -70,22 +71,23 @@ class TrainConfig:
 
     def check(self, world: int) -> None:
         problems = []
+
+        def collect(check, *args, **kwargs):  # every problem at once, each in checks' words
+            try:
+                check(*args, **kwargs)
+            except ValueError as error:
+                problems.append(str(error))
+
         for name in ("steps", "batch_size", "grad_accum", "checkpoint_every", "keep", "log_every"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                problems.append(f"{name} must be a positive int, got {value!r}")
+            collect(checks.positive_int, name, getattr(self, name))
         if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or self.warmup < 0:
             problems.append(f"warmup must be an int >= 0, got {self.warmup!r}")
-        if not (isinstance(self.lr, (int, float)) and self.lr > 0):
-            problems.append(f"lr must be positive, got {self.lr!r}")
-        if not (isinstance(self.grad_clip, (int, float)) and self.grad_clip >= 0):
-            problems.append(f"grad_clip must be >= 0, got {self.grad_clip!r}")
-        if not (isinstance(self.ema_decay, (int, float)) and 0 <= self.ema_decay < 1):
-            problems.append(f"ema_decay must be in [0, 1), got {self.ema_decay!r}")
-        if self.objective not in OBJECTIVES:
-            problems.append(f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
-        if self.precision not in ("auto", "float32", "bfloat16"):
-            problems.append(f"precision must be auto, float32 or bfloat16, got {self.precision!r}")
+        collect(checks.number, "lr", self.lr, low=0, low_open=True)
+        collect(checks.number, "grad_clip", self.grad_clip, low=0)
+        collect(checks.number, "ema_decay", self.ema_decay, low=0, high=1, high_open=True)
+        collect(checks.flag, "flip", self.flip)
+        collect(checks.choice, "objective", self.objective, OBJECTIVES)
+        collect(checks.choice, "precision", self.precision, ("auto", "float32", "bfloat16"))
         philox._check_seed(self.seed)
         if not problems and self.batch_size % (world * self.grad_accum):
             problems.append(f"batch_size {self.batch_size} is not divisible by processes x grad_accum = "
@@ -103,6 +105,17 @@ def _settings(overrides: dict) -> TrainConfig:
     if unknown:
         raise ValueError(f"unknown training setting(s) {unknown}; the settings are {sorted(fields)}")
     return TrainConfig(**overrides)
+
+
+def data_identity(images: torch.Tensor, source) -> dict:
+    """What a run folder records of its data, so that a resume on other data is refused: the count, the shape, a
+    SHA-256 of up to 256 images spread evenly over the set (all of a small set), and where they came from (the
+    path, or "in memory")."""
+    count = images.shape[0]
+    picked = images[torch.linspace(0, count - 1, min(count, 256)).round().long()] if count else images
+    return dict(images=int(count), shape=list(images.shape[1:]), scaling=checkpoint.DATA_SCALING,
+                sample_sha256=hashlib.sha256(picked.contiguous().numpy().tobytes()).hexdigest(),
+                source=str(Path(source).resolve()) if isinstance(source, (str, os.PathLike)) else "in memory")
 
 
 def data_positions(step: int, batch_size: int, count: int, seed: int, permutations: dict) -> torch.Tensor:
@@ -176,14 +189,19 @@ class Trainer:
         self.diffusion = diffusion or (model.diffusion if isinstance(getattr(model, "diffusion", None), Diffusion)
                                        else Diffusion())
         model.diffusion = self.diffusion
-        self.device = torch.device(device) if device is not None else (
+        checks.flag("progress", progress)
+        checks.flag("resume", resume)
+        self.device = checks.device(device) if device is not None else (
             torch.device("cuda", int(os.environ.get("LOCAL_RANK", torch.cuda.current_device())))
             if torch.cuda.is_available() else torch.device("cpu"))
         self.model = model.to(self.device).train()
         self.images = load_images(data, image_size=image_size, progress=progress and self.rank == 0)
-        expected = (model.in_channels, model.image_size, model.image_size)
-        if tuple(self.images.shape[1:]) != expected:
-            raise ValueError(f"the data's images are {tuple(self.images.shape[1:])}, the model takes {expected}")
+        self.data_identity = data_identity(self.images, data)
+        checks.image_shape(model, tuple(self.images.shape[1:]), "the data's images")
+        if self.config.batch_size > len(self.images):
+            raise ValueError(f"batch_size {self.config.batch_size} is larger than the data ({len(self.images)} "
+                             f"images): every step would repeat images within its batch; use at most "
+                             f"{len(self.images)}")
         self.out = Path(out) if out is not None else None
         self.progress = progress and self.rank == 0
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=self.config.lr)
@@ -197,16 +215,32 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------ state
     def _resume(self) -> None:
-        state = checkpoint.read_training_state(self.out, self.model, self.ema, self.optimizer)
-        saved = state["config"]["training"]
+        """Continue the run in self.out, which must be this run: the same settings (but RESUMABLE's), network,
+        process and data, each compared before any weight is loaded."""
+        _, config = checkpoint.verify(self.out)
+        saved = config["training"]
         current = self.config.to_json()
         differ = [f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in current
                   if k not in TrainConfig.RESUMABLE and saved.get(k) != current[k]]
         if differ:
             raise ValueError(f"{self.out} holds a run with other settings ({'; '.join(differ)}); resume with its "
                              f"settings, or train into another folder")
-        if state["config"]["unet"] != json.loads(json.dumps(self.model.config)):
-            raise ValueError(f"{self.out} holds a run of another network: {state['config']['unet']}")
+        if config["unet"] != json.loads(json.dumps(self.model.config)):
+            raise ValueError(f"{self.out} holds a run of another network: {config['unet']}")
+        process = json.loads(json.dumps(checkpoint.diffusion_config(self.diffusion)))
+        differ = [f"{k}: {config['diffusion'].get(k)!r} -> {process.get(k)!r}"
+                  for k in sorted(set(process) | set(config["diffusion"])) if config["diffusion"].get(k) != process.get(k)]
+        if differ:
+            raise ValueError(f"{self.out} holds a run of another diffusion process ({'; '.join(differ)[:300]}); "
+                             f"resume with its diffusion=, or train into another folder")
+        # (checkpoints written before the data's identity was recorded carry images and shape only)
+        identity = json.loads(json.dumps(self.data_identity))
+        differ = [f"{k}: {config['data'][k]!r} -> {identity[k]!r}" for k in identity
+                  if k in config["data"] and config["data"][k] != identity[k]]
+        if differ:
+            raise ValueError(f"{self.out} was trained on other data ({'; '.join(differ)}); resume with its data, or "
+                             f"train into another folder")
+        state = checkpoint.read_training_state(self.out, self.model, self.ema, self.optimizer)
         self.step = int(state["step"])
 
     def save(self) -> Path | None:
@@ -216,8 +250,7 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         folder = checkpoint.save(
             self.out / f"step_{self.step:08d}", self.model, ema=self.ema, optimizer=self.optimizer, step=self.step,
-            training=self.config.to_json(),
-            data=dict(images=int(self.images.shape[0]), shape=list(self.images.shape[1:])))
+            training=self.config.to_json(), data=self.data_identity)
         checkpoint.replace_atomically(self.out / "latest", folder.name + "\n")
         kept = sorted(p for p in self.out.glob("step_*") if p.is_dir())
         for old in kept[:-self.config.keep]:

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ddpm_fast import checks
 from ddpm_fast.ops import attention
 from ddpm_fast.ops._cache import weights_key
 from ddpm_fast.ops.conv import PackedConv
@@ -190,7 +191,19 @@ class UNet(nn.Module):
                  attn_resolutions: Sequence[int] = (16,), dropout: float = 0.1, num_groups: int = 32,
                  eps: float = 1e-6, resamp_with_conv: bool = True, diffusion=None):
         super().__init__()
-        ch_mult, attn_resolutions = tuple(int(m) for m in ch_mult), tuple(int(r) for r in attn_resolutions)
+        sizes = dict(in_channels=in_channels, image_size=image_size, ch=ch, num_res_blocks=num_res_blocks,
+                     num_groups=num_groups, **({} if out_channels is None else dict(out_channels=out_channels)))
+        for name, value in sizes.items():  # (types first: num_groups=0 or image_size="32" fail deep inside)
+            checks.positive_int(f"UNet: {name}", value)
+        for name, values in (("ch_mult", ch_mult), ("attn_resolutions", attn_resolutions)):
+            if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
+                raise ValueError(f"UNet: {name} must be a sequence of positive ints, got {values!r}")
+            for value in values:
+                checks.positive_int(f"UNet: each of {name}", value)
+        checks.number("UNet: eps", eps, low=0, low_open=True)
+        checks.number("UNet: dropout", dropout, low=0, high=1, high_open=True)
+        checks.flag("UNet: resamp_with_conv", resamp_with_conv)
+        ch_mult, attn_resolutions = tuple(ch_mult), tuple(attn_resolutions)
         out_channels = in_channels if out_channels is None else out_channels
         levels = len(ch_mult)
         resolutions = [image_size // 2 ** i for i in range(levels)]
@@ -205,8 +218,6 @@ class UNet(nn.Module):
         missing = [r for r in attn_resolutions if r not in resolutions]
         if missing:
             problems.append(f"attention resolutions {missing} are never reached (resolutions: {resolutions})")
-        if not 0.0 <= dropout < 1.0:
-            problems.append(f"dropout must be in [0, 1), got {dropout}")
         if problems:
             raise ValueError("UNet: " + "; ".join(problems))
         self.config = dict(in_channels=in_channels, out_channels=out_channels, image_size=image_size, ch=ch,

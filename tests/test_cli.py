@@ -31,7 +31,7 @@ def test_sample_uses_the_bundled_model_by_default(tmp_path, capsys):
     code, out, err = run(capsys, "sample", "-n", "4", "--steps", "5", "-o", str(tmp_path / "s.png"), "--quiet")
     assert code == 0, err
     assert "wrote 4 samples" in out and "ddpm, 5 steps" in out
-    assert Image.open(tmp_path / "s.png").size == (2 + 2 * 10, 2 + 2 * 10)  # 8x8 digits, 2 px apart
+    assert Image.open(tmp_path / "s.png").size == (8 * (2 + 2 * 10),) * 2  # 8x8 digits, 2 px apart, enlarged 8x
 
 
 def test_every_evaluation_subcommand_writes_its_output(tiny_checkpoint, tmp_path, capsys):
@@ -49,12 +49,12 @@ def test_every_evaluation_subcommand_writes_its_output(tiny_checkpoint, tmp_path
     code, out, err = run(capsys, "interpolate", "--model", tiny_checkpoint, "--pairs", "2", "--t", "10",
                          "--lambdas", "3", "-o", str(tmp_path / "i.png"), "--quiet")
     assert code == 0, err
-    assert Image.open(tmp_path / "i.png").size == (2 + 5 * 10, 2 + 2 * 10)  # x0, 3 mixes, x0'; 2 rows
+    assert Image.open(tmp_path / "i.png").size == (8 * (2 + 5 * 10), 8 * (2 + 2 * 10))  # x0, 3 mixes, x0'; 2 rows
     code, out, err = run(capsys, "progressive", "--model", tiny_checkpoint, "-n", "3", "--every", "5", "-o",
                          str(tmp_path / "p.png"), "--quiet")
     assert code == 0, err
     assert "t = 20, 15, 10, 5, 1" in out
-    assert Image.open(tmp_path / "p.png").size == (2 + 6 * 10, 2 + 3 * 10)
+    assert Image.open(tmp_path / "p.png").size == (8 * (2 + 6 * 10), 8 * (2 + 3 * 10))
     code, out, err = run(capsys, "quality", "--model", tiny_checkpoint, "-n", "8", "--epochs", "1", "--quiet")
     assert code == 0, err
     assert "8 samples (ddpm, 20 steps" in out and "confidently classified" in out

@@ -1,7 +1,7 @@
 """The U-Net's convolutions (ops/conv.py): in CPU inference oneDNN with packed weights and the residual add fused,
 channels_last out, equal to F.conv2d (+ the add) from either layout; the packed weights rebuilt when the weights
-change; autograd, autocast, other dtypes and the reference backend on F.conv2d; copies and pickles without the
-packed tensors."""
+change; autograd, float16 autocast and other dtypes on F.conv2d; not an op of the backend registry (torch's
+convolutions whichever backend is chosen); copies and pickles without the packed tensors."""
 import copy
 import pickle
 
@@ -77,7 +77,7 @@ def test_weights_are_packed_once_and_again_after_they_change():
         assert relative_error(conv(x), reference(conv, x)) < 1e-6
 
 
-def test_autograd_other_dtypes_and_the_reference_backend_run_conv2d():
+def test_autograd_and_other_dtypes_run_conv2d_and_backends_do_not_apply():
     conv = make(8, 8, 3, 1, 1)
     x = torch.randn(2, 8, 6, 6, requires_grad=True)
     residual = torch.randn(2, 8, 6, 6)
@@ -86,9 +86,12 @@ def test_autograd_other_dtypes_and_the_reference_backend_run_conv2d():
     with torch.inference_mode():
         wide = copy.deepcopy(conv).double()
         assert wide(x.detach().double(), residual=residual.double()).dtype == torch.float64 and not wide._packed
-        with use_backend("reference"):
-            conv(x.detach())
     assert not conv._packed
+    with torch.inference_mode():  # the registry's backends are our kernels: the convolution is torch's under each
+        for backend in ("reference", "triton"):
+            with use_backend(backend):
+                assert relative_error(conv(x.detach()), reference(conv, x.detach())) < 1e-6
+    assert len(conv._packed) == 1
 
 
 def test_copies_and_pickles_without_the_packed_tensors():

@@ -78,6 +78,23 @@ def toy_model():
     return random_tiny_unet(std=0.1)
 
 
+def test_nll_runs_the_network_in_the_precision_asked():
+    """network_dtype=torch.bfloat16: the network under bf16 autocast (as sample()'s), the bound close to float32's
+    on the same noise; float32 is the default; another dtype is refused."""
+    model = toy_model()
+    data = torch.randint(0, 256, (4, 1, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
+    seen = []
+    spying = model.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+    full = ddpm_fast.nll(model, data, progress=False)
+    assert set(seen) == {torch.float32}
+    seen.clear()
+    low = ddpm_fast.nll(model, data, progress=False, network_dtype=torch.bfloat16)
+    spying.remove()
+    assert set(seen) == {torch.bfloat16} and low.bpd == pytest.approx(full.bpd, rel=0.02)
+    with pytest.raises(ValueError, match="network_dtype must be"):
+        ddpm_fast.nll(model, data, progress=False, network_dtype=torch.int8)
+
+
 def test_rate_distortion_follows_its_own_terms(tmp_path):
     model = toy_model()
     data = torch.randint(0, 256, (6, 1, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
@@ -111,7 +128,7 @@ def test_interpolation_decodes_the_mixed_latent_with_shared_noise(tmp_path):
                 x = d.p_sample(model, x, step, seed=4, sample_index=pair).sample
         assert torch.allclose(out[:, column], x.clamp(-1, 1), atol=1e-5)
     with Image.open(tmp_path / "i.png") as image:
-        assert image.size == (5 * 8 + 6 * 2, 2 * 8 + 3 * 2)  # x0, three decodings, x0' per row
+        assert image.size == (8 * (5 * 8 + 6 * 2), 8 * (2 * 8 + 3 * 2))  # x0, three decodings, x0'; enlarged 8x
     with pytest.raises(ValueError, match=r"t must be an int in \[0, 20\)"):
         ddpm_fast.interpolate(model, x0, x1, t=20)
     with pytest.raises(ValueError, match="must have one shape"):

@@ -1,5 +1,6 @@
 """ddpm_fast.sample: Algorithm 2 of the paper, seeded per image, batch-split invariant, with clear errors; progressive
 generation (return_intermediates); the batch size by free memory."""
+import copy
 import gc
 import time
 
@@ -131,8 +132,10 @@ def test_bad_input_names_the_argument(model):
         run(lambda x, t: x, 2)
     with pytest.raises(ValueError, match="shape must be"):
         run(lambda x, t: x, 2, shape=(1, 0, 8))
-    with pytest.raises(ValueError, match="the model is on cpu but device=meta"):
+    with pytest.raises(ValueError, match="device 'meta' is not available here"):
         run(model, 2, device="meta")
+    with pytest.raises(ValueError, match="the model is on meta but device=cpu"):
+        run(copy.deepcopy(model).to("meta"), 2, device="cpu")
     with pytest.raises(ValueError, match="model must be callable"):
         run(None, 2, shape=(1, 8, 8))
     with pytest.raises(ValueError, match="diffusion must be"):
@@ -180,9 +183,11 @@ def test_progressive_grid_png(model, tmp_path):
     from PIL import Image
 
     result = run(model, 3, seed=1, return_intermediates=4)
-    path = result.save_grid(tmp_path / "progressive.png", max_images=2)
+    path = result.save_grid(tmp_path / "progressive.png", max_images=2, scale=1)
     columns = len(result.timesteps) + 1  # the recorded steps, then the final image
     assert Image.open(path).size == (2 + columns * 10, 2 + 2 * 10)  # 8x8 images, 2-pixel padding
+    enlarged = result.save_grid(tmp_path / "progressive8.png", max_images=2)  # default: 8x8 -> 64x64
+    assert Image.open(enlarged).size == (8 * (2 + columns * 10), 8 * (2 + 2 * 10))
     result.save_grid(tmp_path / "x_t.png", which="x_t")
     with pytest.raises(ValueError, match="which must be"):
         result.save_grid(tmp_path / "bad.png", which="eps")

@@ -216,13 +216,62 @@ def test_bad_settings_and_runs_are_refused(tmp_path):
         ddpm_fast.train(tiny(), DATA, batch_size=8, grad_accum=3)
     with pytest.raises(ValueError, match="objective must be one of simple, vlb"):
         ddpm_fast.train(tiny(), DATA, objective="l1")
-    with pytest.raises(ValueError, match=r"the data's images are \(3, 8, 8\), the model takes \(1, 8, 8\)"):
+    with pytest.raises(ValueError, match=r"the data's images: \(3, 8, 8\), but the model takes \(1, 8, 8\)"):
         ddpm_fast.train(tiny(), torch.zeros(4, 3, 8, 8, dtype=torch.uint8))
     ddpm_fast.train(tiny(), DATA, out=tmp_path, steps=1, **SETTINGS)
     with pytest.raises(ValueError, match=r"other settings \(batch_size: 8 -> 4\)"):
         ddpm_fast.train(tiny(), DATA, out=tmp_path, steps=2, **{**SETTINGS, "batch_size": 4})
     with pytest.raises(ValueError, match="already holds a run"):
         ddpm_fast.train(tiny(), DATA, out=tmp_path, steps=2, resume=False, **SETTINGS)
+
+
+def test_a_resume_with_another_process_or_other_data_is_refused_before_loading(tmp_path):
+    """The run folder records the diffusion process and the data's identity (count, shape, a hash of a sample,
+    where it came from, scaling): a resume with any changed is refused naming it, and the model is left as it
+    was (nothing loaded)."""
+    ddpm_fast.train(tiny(), DATA, out=tmp_path, steps=1, **SETTINGS)
+    recorded = json.loads((tmp_path / "step_00000001" / "config.json").read_text())["data"]
+    assert set(recorded) >= {"images", "shape", "sample_sha256", "source", "scaling"}
+    assert recorded["source"] == "in memory" and recorded["images"] == 40
+    other = tiny()
+    other.diffusion = Diffusion(timesteps=50, variance="fixed_small")
+    before = copy.deepcopy(other.state_dict())
+    with pytest.raises(ValueError, match=r"another diffusion process \(variance: 'fixed_large' -> 'fixed_small'\)"):
+        ddpm_fast.train(other, DATA, out=tmp_path, steps=2, **SETTINGS)
+    assert all(torch.equal(v, before[k]) for k, v in other.state_dict().items())
+    changed = DATA.clone()
+    changed[0, 0, 0, 0] ^= 1
+    with pytest.raises(ValueError, match=r"other data \(sample_sha256: "):
+        ddpm_fast.train(tiny(), changed, out=tmp_path, steps=2, **SETTINGS)
+    with pytest.raises(ValueError, match=r"other data \(images: 40 -> 39; sample_sha256"):
+        ddpm_fast.train(tiny(), DATA[:39], out=tmp_path, steps=2, **SETTINGS)
+    assert ddpm_fast.train(tiny(), DATA, out=tmp_path, steps=2, **SETTINGS).step == 2  # the same run resumes
+
+
+def test_resaving_a_step_survives_a_crash_between_the_two_renames(tmp_path, monkeypatch):
+    """Saving a step's checkpoint again (a resumed run's last step, export) moves the old folder aside and puts the
+    new one in; a crash between the two leaves the old folder aside, and the next load or save puts it back."""
+    from ddpm_fast import checkpoint
+
+    model = tiny()
+    folder = checkpoint.save(tmp_path / "step_00000001", model, step=1)
+    real_replace = checkpoint.os.replace
+
+    def crash_on_the_new_folder(src, dst):
+        if ".tmp" in Path(src).name:
+            raise OSError("killed between the two renames")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(checkpoint.os, "replace", crash_on_the_new_folder)
+    with pytest.raises(OSError, match="killed"):
+        checkpoint.save(folder, tiny(seed=3), step=1)
+    monkeypatch.setattr(checkpoint.os, "replace", real_replace)
+    assert not folder.exists() and list(tmp_path.glob(".step_00000001.old*"))
+    loaded = ddpm_fast.load(folder)  # put back, the old weights
+    assert folder.is_dir() and not list(tmp_path.glob(".step_00000001.old*"))
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in loaded.state_dict().items())
+    checkpoint.save(folder, tiny(seed=3), step=1)  # and a save after it completes
+    assert torch.equal(ddpm_fast.load(folder).state_dict()["conv_in.weight"], tiny(seed=3).state_dict()["conv_in.weight"])
 
 
 def test_damaged_checkpoints_are_refused(tmp_path):

@@ -11,7 +11,10 @@ channels_last). Under bf16 autocast the input is cast to bf16 as autocast would,
 bf16 once instead of cast on every call: with AVX512-BF16 (or AMX) oneDNN's bf16 convolutions are 1.8-2.5x its
 float32 ones at the U-Net's shapes here (bench/RESULTS.md). The packed path is torch's (the kernels inductor's
 freezing uses), not ours: the arithmetic is oneDNN's either way, so the outputs agree with F.conv2d's to rounding.
-Elsewhere (GPU, autograd, float16 autocast, other dtypes, "reference"): F.conv2d, then the add.
+Elsewhere (GPU, autograd, float16 autocast, other dtypes): F.conv2d, then the add.
+
+Not an op of the backend registry: no kernel here is ours (the convolutions are oneDNN's or cuDNN's on every
+path), so `use_backend(...)` and `backend=` choose among our kernels only and leave the convolutions as they are.
 """
 from __future__ import annotations
 
@@ -20,11 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ddpm_fast.kernels.layout import is_channels_last
-from ddpm_fast.ops import _registry
 from ddpm_fast.ops._cache import weights_key
-
-IMPLEMENTED = ("reference", "cpp", "triton")
-ORDER = {"cpu": ("cpp", "reference"), "cuda": ("reference",)}
 
 
 def _mkldnn_ready() -> bool:
@@ -87,13 +86,10 @@ def _packed_dtype(conv: PackedConv, x: torch.Tensor) -> torch.dtype | None:
     return x.dtype if x.dtype == conv.weight.dtype and x.dtype in (torch.float32, torch.bfloat16) else None
 
 
-def conv2d(conv: nn.Conv2d, x: torch.Tensor, residual: torch.Tensor | None = None, *,
-           backend: str | None = None) -> torch.Tensor:
+def conv2d(conv: nn.Conv2d, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
     """conv(x) + residual (residual: the output's shape) with `conv`'s weights; the packed oneDNN path where it
-    applies (module docstring), F.conv2d otherwise. Backends: "cpp" the packed path (CPU), "reference" F.conv2d;
-    "triton" also F.conv2d (no Triton kernel of ours: under use_backend("triton") convolutions are torch's)."""
-    chosen = _registry.choose("conv2d", x.device, IMPLEMENTED, backend, ORDER)
-    dtype = _packed_dtype(conv, x) if chosen == "cpp" and isinstance(conv, PackedConv) else None
+    applies (module docstring), F.conv2d otherwise."""
+    dtype = _packed_dtype(conv, x) if isinstance(conv, PackedConv) else None
     if dtype is not None:
         x = x.to(dtype, memory_format=torch.channels_last)  # (a copy for the network's first convolution only)
         weight, bias = conv.packed_weight(x)
