@@ -1,5 +1,14 @@
 """ddpm_fast: DDPM (Ho, Jain & Abbeel 2020) with fused kernels. The public API, and nothing else."""
-from ddpm_fast.ops._registry import check_required as _check_required
+import importlib.util as _util
+
+# The repository's top-level kernels/ becomes ddpm_fast.kernels only when the package is installed (pip install
+# --no-build-isolation ., or -e . for a contributor): a plain checkout on sys.path lacks it, and would fail later
+# with a ModuleNotFoundError from deep inside.
+if _util.find_spec("ddpm_fast.kernels") is None:
+    raise ImportError("ddpm_fast is imported from a source checkout that is not installed: run `pip install "
+                      "--no-build-isolation -e .` there (after torch), or run from outside the checkout")
+
+from ddpm_fast.ops._registry import check_required as _check_required  # noqa: E402
 
 _check_required()  # $DDPM_FAST_REQUIRE=cpp,triton: a missing backend is an import error
 

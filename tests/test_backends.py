@@ -45,10 +45,17 @@ def test_an_extension_built_for_another_torch_is_refused(monkeypatch):
 
 
 def test_kernels_ship_inside_the_package_only():
+    """kernels/ is ddpm_fast.kernels, never a top-level `kernels` (a PyPI package has that name)."""
+    import importlib.util
+
     import ddpm_fast.kernels.philox  # noqa: F401
 
     site = Path(ddpm_fast.__file__).resolve().parent.parent
-    assert not (site / "kernels").exists(), "a top-level `kernels` package was installed"
+    if site != Path(__file__).resolve().parent.parent:  # (an editable install's site is the checkout, kernels/ and all)
+        assert not (site / "kernels").exists(), "a top-level `kernels` package was installed"
+    spec = importlib.util.find_spec("kernels")
+    ours = spec is not None and spec.origin is not None and (Path(spec.origin).parent / "diffusion_step.py").exists()
+    assert not ours, f"a top-level `kernels` package of ours is importable: {spec.origin}"
 
 
 def test_require_makes_a_missing_backend_an_import_error():
