@@ -36,16 +36,33 @@ def benchutil_full() -> bool:
     return benchutil.FULL
 
 
+def _grouped(benchmarks, keep=lambda bench: True) -> dict:
+    """{group: [benchmark, ...]} of the benchmarks that ran (have rounds) and that `keep` accepts."""
+    groups = {}
+    for bench in benchmarks:
+        if bench.stats and bench.stats.rounds and keep(bench):
+            groups.setdefault(bench.group, []).append(bench)
+    return groups
+
+
+def baseline_ratio(medians: dict, role: str, own: float, kind: str) -> float | None:
+    """The median of the group's `kind` baseline over `own` (the median of a row of `role`), the one rule of every
+    table: "eager" is the float32 eager code where the group has it (the user's default without us), else its bf16
+    one; "compiled" is torch.compile in the row's own precision (role "... bf16" for a bf16 row); any other kind
+    ("sdpa", "ours") is that role. None where the group lacks it."""
+    bf16 = role.endswith(" bf16")
+    names = {"eager": ("eager", "eager bf16"),
+             "compiled": ("compiled bf16",) if bf16 else ("compiled",)}.get(kind, (kind,))
+    base = next((medians[name] for name in names if name in medians), None)
+    return None if base is None else base / own
+
+
 def bandwidth_rows(benchmarks):
     """One row per benchmark that set extra_info["bytes"] and is not the copy: (group, name, median s, GB/s,
     fraction of the copy's GB/s in its group, speed-up over eager, over compiled). Missing values are None.
     Roles come from extra_info["role"]: "eager", "compiled", "copy", anything else is ours."""
-    groups = {}
-    for bench in benchmarks:
-        if bench.stats and bench.stats.rounds:
-            groups.setdefault(bench.group, []).append(bench)
     rows = []
-    for group, members in groups.items():
+    for group, members in _grouped(benchmarks).items():
         by_role = {b.extra_info.get("role"): b for b in members}
         copy = by_role.get("copy")
         copy_gbs = copy.extra_info["bytes"] / copy.stats.median / 1e9 if copy else None
@@ -65,10 +82,7 @@ def flops_rows(benchmarks):
     """One row per benchmark that set extra_info "flops" or "peak_mb": (group, role, median s, GFLOP/s, its fraction
     of the bf16 matmul rate (a bench of role "matmul" in the same run, GPU), peak MiB, the speed-up of our variant
     (role "ours") over this one, extra_info "attention_share"); None where a value is missing."""
-    groups = {}
-    for bench in benchmarks:
-        if bench.stats and bench.stats.rounds and ("flops" in bench.extra_info or "peak_mb" in bench.extra_info):
-            groups.setdefault(bench.group, []).append(bench)
+    groups = _grouped(benchmarks, lambda bench: "flops" in bench.extra_info or "peak_mb" in bench.extra_info)
     matmul = next((b for members in groups.values() for b in members if b.extra_info.get("role") == "matmul"), None)
     matmul_rate = matmul.extra_info["flops"] / matmul.stats.median if matmul else None
     rows = []
@@ -86,22 +100,12 @@ def flops_rows(benchmarks):
 
 def _by_group(benchmarks, key):
     """{group: [(bench, median of the group's eager / this, median of its compiled / this)]} for the benchmarks
-    whose extra_info has `key` (eager: the float32 one where the group has it; compiled: the row's own precision,
-    as summary_rows); None where the group has no such baseline."""
-    groups = {}
-    for bench in benchmarks:
-        if bench.stats and bench.stats.rounds and key in bench.extra_info:
-            groups.setdefault(bench.group, []).append(bench)
+    whose extra_info has `key` (baseline_ratio's rule); None where the group has no such baseline."""
     out = {}
-    for group, members in groups.items():
-        by_role = {b.extra_info["role"]: b.stats.median for b in members}
-        rows = []
-        for b in members:
-            bf16 = b.extra_info["role"].endswith(" bf16")
-            eager = by_role.get("eager", by_role.get("eager bf16"))
-            compiled = by_role.get("compiled bf16" if bf16 else "compiled")
-            rows.append((b, *(None if base is None else base / b.stats.median for base in (eager, compiled))))
-        out[group] = rows
+    for group, members in _grouped(benchmarks, lambda bench: key in bench.extra_info).items():
+        medians = {b.extra_info["role"]: b.stats.median for b in members}
+        out[group] = [(b, *(baseline_ratio(medians, b.extra_info["role"], b.stats.median, kind)
+                            for kind in ("eager", "compiled"))) for b in members]
     return out
 
 
@@ -133,17 +137,11 @@ def training_rows(benchmarks):
 def summary_rows(benchmarks):
     """One row per row of ours (role "ours..." or "redraw" / "stored": every benchmark that is not a baseline) in a
     group that has a baseline: (group, variant, median s, vs eager, vs compiled, vs SDPA, bf16 vs fp32), each
-    ratio = the baseline's median / this one's: vs eager takes the float32 eager code where the group has it (the
-    user's default without us; else its bf16 one), vs compiled the compiled contender of the row's own precision
-    (role "... bf16" for a bf16 row); bf16 vs fp32 = ours in float32 over this bf16 row. None where the group
-    lacks that baseline."""
+    ratio baseline_ratio's (bf16 vs fp32 = ours in float32 over this bf16 row). None where the group lacks that
+    baseline."""
     baselines = ("eager", "compiled", "sdpa", "copy", "matmul")
-    groups = {}
-    for bench in benchmarks:
-        if bench.stats and bench.stats.rounds and "role" in bench.extra_info:
-            groups.setdefault(bench.group, []).append(bench)
     rows = []
-    for group, members in groups.items():
+    for group, members in _grouped(benchmarks, lambda bench: "role" in bench.extra_info).items():
         # each role's median; where a role has several backends (ours: cpp and triton on a GPU), the C++ one's
         ordered = sorted(members, key=lambda b: b.extra_info.get("backend") in (None, "cpp"))
         median = {b.extra_info["role"]: b.stats.median for b in ordered}
@@ -151,18 +149,26 @@ def summary_rows(benchmarks):
             role = bench.extra_info["role"]
             if role.split(" ")[0] in baselines:
                 continue
-            own, bf16 = bench.stats.median, role.endswith(" bf16")
-
-            def vs(*kinds):  # the first of these roles the group has
-                base = next((median[k] for k in kinds if k in median), None)
-                return None if base is None else base / own
-
-            compiled = ("compiled bf16",) if bf16 else ("compiled",)
-            ratios = (vs("eager", "eager bf16"), vs(*compiled), vs("sdpa"), vs("ours") if bf16 else None)
+            own = bench.stats.median
+            ratios = tuple(baseline_ratio(median, role, own, kind) for kind in ("eager", "compiled", "sdpa")) + (
+                baseline_ratio(median, role, own, "ours") if role.endswith(" bf16") else None,)
             if any(r is not None for r in ratios):
                 backend = bench.extra_info.get("backend")
                 rows.append((group, role + (f" ({backend})" if backend else ""), own, *ratios))
     return rows
+
+
+def _table(write, title: str, header: list, lines: list) -> None:
+    """A titled markdown table of pre-formatted `lines`, after a blank line; nothing without lines."""
+    if not lines:
+        return
+    write("")
+    write(title)
+    write("")
+    write("| " + " | ".join(header) + " |")
+    write("|" + "---|" * len(header))
+    for cells in lines:
+        write(("| " + " | ".join(cells) + " |").replace("| -x", "| -"))
 
 
 @pytest.hookimpl(trylast=True)  # after pytest-benchmark's own tables
@@ -170,65 +176,41 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     session = getattr(config, "_benchmarksession", None)
     if session is None or session.disabled:
         return
+
     def fmt(value, spec):
         return "-" if value is None else format(value, spec)
 
-    write = terminalreporter.write_line
-    sampler = sampler_rows(session.benchmarks)
-    if sampler:
-        write("")
-        write("Sampling end to end (images/s for the paper's 1000 steps = batch / (1000 x time per step); vs = that "
-              "baseline's median / this one's, same group; conv = share of the network's time in Conv2d, CPU):")
-        write("")
-        write("| group | variant | ms / step | images/s (1000 steps) | vs eager | vs compiled | conv |")
-        write("|---|---|---|---|---|---|---|")
-        for group, role, ms, images, vs_eager, vs_compiled, conv in sampler:
-            write(f"| {group} | {role} | {ms:.2f} | {images:.3f} | {fmt(vs_eager, '.2f')}x | "
-                  f"{fmt(vs_compiled, '.2f')}x | {fmt(conv, '.0%')} |".replace("| -x", "| -"))
-    training = training_rows(session.benchmarks)
-    if training:
-        write("")
-        write("Training (optimizer steps/s and images/s, medians; vs = that baseline's median / this one's, same group):")
-        write("")
-        write("| group | variant | steps/s | images/s | vs eager | vs compiled |")
-        write("|---|---|---|---|---|---|")
-        for group, role, rate, images, vs_eager, vs_compiled in training:
-            write(f"| {group} | {role} | {rate:.3f} | {images:.1f} | {fmt(vs_eager, '.2f')}x | "
-                  f"{fmt(vs_compiled, '.2f')}x |".replace("| -x", "| -"))
-    compute = flops_rows(session.benchmarks)
-    if compute:
-        write("")
-        write("Compute of each variant (the FLOPs its benchmark names / median, and that as a share of the bf16 "
-              "matmul rate on a GPU; peak = the forward's peak memory; ours vs = that variant's median / ours; "
-              "attention = share of the time inside the attention blocks):")
-        write("")
-        write("| group | variant | median | GFLOP/s | of bf16 matmul | peak MiB | ours vs it | attention |")
-        write("|---|---|---|---|---|---|---|---|")
-        for group, role, median, gflops, of_matmul, peak, speedup, share in compute:
-            write(f"| {group} | {role} | {median * 1e3:.3f} ms | {fmt(gflops, '.1f')} | {fmt(of_matmul, '.0%')} | "
-                  f"{fmt(peak, '.0f')} | {fmt(speedup, '.2f')}x | {fmt(share, '.1%')} |".replace("| -x", "| -"))
-    rows = bandwidth_rows(session.benchmarks)
-    if rows:
-        write("")
-        write("Bandwidth of our ops (bytes the op must move / median; copy = dst.copy_(src) of the same size, same "
-              "run; speed-up = baseline median / ours):")
-        write("")
-        write("| group | bench | median | GB/s | of copy | vs eager | vs compiled |")
-        write("|---|---|---|---|---|---|---|")
-        for group, name, median, gbs, of_copy, vs_eager, vs_compiled in rows:
-            write(f"| {group} | {name} | {median * 1e3:.3f} ms | {gbs:.1f} | {fmt(of_copy, '.0%')} | "
-                  f"{fmt(vs_eager, '.2f')}x | {fmt(vs_compiled, '.2f')}x |".replace("| -x", "| -"))
-    summary = summary_rows(session.benchmarks)
-    if summary:
-        write("")
-        write("Summary: every row of ours against the baselines of its group, same run (baseline median / ours; "
-              "vs eager: the float32 eager code where the group has it; vs compiled: torch.compile in the row's "
-              "precision; bf16 vs fp32: ours in float32 / this row). " + (
-                  "Quick suite: --bench-full for every shape, size and layout." if not benchutil_full() else
-                  "Full suite."))
-        write("")
-        write("| group | ours | median | vs eager | vs compiled | vs SDPA | bf16 vs fp32 |")
-        write("|---|---|---|---|---|---|---|")
-        for group, role, median, vs_eager, vs_compiled, vs_sdpa, vs_fp32 in summary:
-            write(f"| {group} | {role} | {median * 1e3:.2f} ms | {fmt(vs_eager, '.2f')}x | {fmt(vs_compiled, '.2f')}x "
-                  f"| {fmt(vs_sdpa, '.2f')}x | {fmt(vs_fp32, '.2f')}x |".replace("| -x", "| -"))
+    write, benchmarks = terminalreporter.write_line, session.benchmarks
+    _table(write, "Sampling end to end (images/s for the paper's 1000 steps = batch / (1000 x time per step); vs = "
+                  "that baseline's median / this one's, same group; conv = share of the network's time in Conv2d, "
+                  "CPU):",
+           ["group", "variant", "ms / step", "images/s (1000 steps)", "vs eager", "vs compiled", "conv"],
+           [[group, role, f"{ms:.2f}", f"{images:.3f}", f"{fmt(vs_eager, '.2f')}x", f"{fmt(vs_compiled, '.2f')}x",
+             fmt(conv, ".0%")]
+            for group, role, ms, images, vs_eager, vs_compiled, conv in sampler_rows(benchmarks)])
+    _table(write, "Training (optimizer steps/s and images/s, medians; vs = that baseline's median / this one's, "
+                  "same group):",
+           ["group", "variant", "steps/s", "images/s", "vs eager", "vs compiled"],
+           [[group, role, f"{rate:.3f}", f"{images:.1f}", f"{fmt(vs_eager, '.2f')}x", f"{fmt(vs_compiled, '.2f')}x"]
+            for group, role, rate, images, vs_eager, vs_compiled in training_rows(benchmarks)])
+    _table(write, "Compute of each variant (the FLOPs its benchmark names / median, and that as a share of the bf16 "
+                  "matmul rate on a GPU; peak = the forward's peak memory; ours vs = that variant's median / ours; "
+                  "attention = share of the time inside the attention blocks):",
+           ["group", "variant", "median", "GFLOP/s", "of bf16 matmul", "peak MiB", "ours vs it", "attention"],
+           [[group, str(role), f"{median * 1e3:.3f} ms", fmt(gflops, ".1f"), fmt(of_matmul, ".0%"), fmt(peak, ".0f"),
+             f"{fmt(speedup, '.2f')}x", fmt(share, ".1%")]
+            for group, role, median, gflops, of_matmul, peak, speedup, share in flops_rows(benchmarks)])
+    _table(write, "Bandwidth of our ops (bytes the op must move / median; copy = dst.copy_(src) of the same size, "
+                  "same run; speed-up = baseline median / ours):",
+           ["group", "bench", "median", "GB/s", "of copy", "vs eager", "vs compiled"],
+           [[group, name, f"{median * 1e3:.3f} ms", f"{gbs:.1f}", fmt(of_copy, ".0%"), f"{fmt(vs_eager, '.2f')}x",
+             f"{fmt(vs_compiled, '.2f')}x"]
+            for group, name, median, gbs, of_copy, vs_eager, vs_compiled in bandwidth_rows(benchmarks)])
+    _table(write, "Summary: every row of ours against the baselines of its group, same run (baseline median / ours; "
+                  "vs eager: the float32 eager code where the group has it; vs compiled: torch.compile in the row's "
+                  "precision; bf16 vs fp32: ours in float32 / this row). "
+                  + ("Full suite." if benchutil_full() else "Quick suite: --bench-full for every shape, size and "
+                                                            "layout."),
+           ["group", "ours", "median", "vs eager", "vs compiled", "vs SDPA", "bf16 vs fp32"],
+           [[group, role, f"{median * 1e3:.2f} ms"] + [f"{fmt(r, '.2f')}x" for r in ratios]
+            for group, role, median, *ratios in summary_rows(benchmarks)])
