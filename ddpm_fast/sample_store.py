@@ -23,6 +23,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from ddpm_fast import checks
+
 FORMAT = "ddpm_fast.samples"
 VERSION = 1
 FORMATS = ("png", "npz")
@@ -60,8 +62,7 @@ class SampleStore:
     """The folder of one run. `identity` is everything that must match for a folder to be continued."""
 
     def __init__(self, path, identity: dict, image_format: str):
-        if image_format not in FORMATS:
-            raise ValueError(f"out_format must be one of {', '.join(FORMATS)}, got {image_format!r}")
+        checks.choice("out_format", image_format, FORMATS)
         self.path = Path(path)
         if self.path.exists() and not self.path.is_dir():
             raise ValueError(f"out={self.path} is a file; sample(out=) writes a folder")

@@ -208,8 +208,8 @@ class UNet(nn.Module):
         levels = len(ch_mult)
         resolutions = [image_size // 2 ** i for i in range(levels)]
         problems = []
-        if not ch_mult or min(ch_mult) < 1 or ch < 1 or num_res_blocks < 1 or in_channels < 1:
-            problems.append("ch, ch_mult, num_res_blocks and in_channels must be positive")
+        if not ch_mult:  # (the sizes' signs are checked above)
+            problems.append("ch_mult must have at least one level")
         if image_size % 2 ** (levels - 1):
             problems.append(f"image_size {image_size} is not divisible by 2^{levels - 1} for {levels} levels")
         bad_widths = sorted({ch * m for m in ch_mult if (ch * m) % num_groups})
