@@ -91,7 +91,7 @@ def eager_train_step(model, optimizer, ema, x0, diffusion, grad_clip=1.0, ema_de
     x0 = torch.where(flip[:, None, None, None], x0.flip(3), x0)
     t = torch.randint(0, diffusion.num_timesteps, (n,), device=x0.device)
     noise = torch.randn_like(x0)
-    tables = diffusion._on(x0.device, torch.float32)
+    tables = diffusion.tables_on(x0.device, torch.float32)
     x_t = (tables["sqrt_alphas_cumprod"][t][:, None, None, None] * x0
            + tables["sqrt_one_minus_alphas_cumprod"][t][:, None, None, None] * noise)
     loss = F.mse_loss(model(x_t, t), noise)

@@ -87,7 +87,7 @@ class Inputs:
         self.counter2 = self.t.clone()
         diffusion = ddpm_fast.Diffusion()
         self.step_coef = diffusion.step_table(DEVICE, torch.float32, "ddpm")
-        self.tables = diffusion._on(DEVICE, torch.float32)
+        self.tables = diffusion.tables_on(DEVICE, torch.float32)
         self.q_coef = self.tables["q_sample"]
         self.dst = torch.empty_like(self.x)
 

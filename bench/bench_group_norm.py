@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from benchutil import DEVICE, GPU, max_time, pick, random_unet, shape_name, sync, timed
-from ddpm_fast.ops import _registry, use_backend
+from ddpm_fast.ops import registry, use_backend
 from ddpm_fast.ops import group_norm as group_norm_ops
 from ddpm_fast.ops.group_norm import group_norm_silu
 
@@ -243,7 +243,7 @@ def unet_case():
 
 def _fused_backend():
     """The backend the default choice gives group_norm_silu on DEVICE, or pytest.skip if it cannot run here."""
-    chosen = _registry.choose("group_norm_silu", DEVICE, group_norm_ops.IMPLEMENTED)
+    chosen = registry.choose("group_norm_silu", DEVICE, group_norm_ops.IMPLEMENTED)
     if chosen == "reference":
         pytest.skip(f"no fused group_norm_silu runs on {DEVICE.type}: the default choice is the reference")
     reason = _unavailable(chosen)

@@ -215,7 +215,7 @@ import sys
 import torch
 
 import ddpm_fast
-from ddpm_fast.ops import _registry, attention, diffusion_step, group_norm, philox
+from ddpm_fast.ops import registry, attention, diffusion_step, group_norm, philox
 
 status = ddpm_fast.backends()
 for name, s in status.items():
@@ -225,11 +225,11 @@ device = torch.device("cuda" if cuda else "cpu")
 gpu = (f"{torch.cuda.get_device_name()} sm_{''.join(map(str, torch.cuda.get_device_capability()))}" if cuda
        else "no GPU")
 print(f"torch {torch.__version__} (CUDA {torch.version.cuda}), {gpu}")
-choices = {module.__name__.rsplit(".", 1)[1]: _registry.choose(module.__name__, device, module.IMPLEMENTED,
+choices = {module.__name__.rsplit(".", 1)[1]: registry.choose(module.__name__, device, module.IMPLEMENTED,
                                                                order=getattr(module, "ORDER", None))
            for module in (philox, diffusion_step, group_norm, attention)}  # (convolutions: torch's)
 print(f"default backend per op on {device.type}: " + ", ".join(f"{op} {b}" for op, b in choices.items()))
-module, _ = _registry._cpp_module()
+module, _ = registry.cpp_module()
 with_cuda = module is not None and module.with_cuda
 problems = [f"backend {name} unavailable" for name, s in status.items() if not s.available]
 if os.environ["DRY_RUN"] != "1":

@@ -8,7 +8,7 @@ if _util.find_spec("ddpm_fast.kernels") is None:
     raise ImportError("ddpm_fast is imported from a source checkout that is not installed: run `pip install "
                       "--no-build-isolation -e .` there (after torch), or run from outside the checkout")
 
-from ddpm_fast.ops._registry import check_required as _check_required  # noqa: E402
+from ddpm_fast.ops.registry import check_required as _check_required  # noqa: E402
 
 _check_required()  # $DDPM_FAST_REQUIRE=cpp,triton: a missing backend is an import error
 

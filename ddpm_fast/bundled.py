@@ -63,7 +63,7 @@ def export(run, destination) -> Path:
     """Write a training run's newest EMA weights as a model folder to ship (config, weights and manifest: what
     `pretrained` and `load` read), e.g. into a source tree's ddpm_fast/pretrained/digits (`ddpm-fast export`)."""
     folder, config = checkpoint.verify(run)
-    step = checkpoint._read_json(folder / "state.json", "training state")["step"]
+    step = checkpoint.read_json(folder / "state.json", "training state")["step"]
     model = checkpoint.load(folder, weights="ema")  # the EMA weights, saved as the model's: 1/3 of the run's files
     data = {k: v for k, v in config["data"].items() if k != "scaling"}
     return checkpoint.save(destination, model, step=step, training=config["training"], data=data)

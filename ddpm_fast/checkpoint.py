@@ -300,7 +300,9 @@ def _diffusers_betas(c: dict, steps: int, problems: list):
     return None
 
 
-def _read_json(path: Path, what: str) -> dict:
+def read_json(path: Path, what: str) -> dict:
+    """A JSON object from `path`; one sentence naming `what` it should be when it is missing, unreadable or not an
+    object."""
     try:
         config = json.loads(path.read_text())
     except (OSError, ValueError) as error:
@@ -317,7 +319,7 @@ def _diffusers_folder(path: Path) -> tuple[dict, dict, Path | None]:
     unet = path / "unet" if (path / "unet" / "config.json").is_file() else path  # a whole saved pipeline
     if not (unet / "config.json").is_file():
         raise FileNotFoundError(f"no config.json in {unet}: a diffusers UNet2DModel folder has one")
-    config = _read_json(unet / "config.json", "UNet2DModel config")
+    config = read_json(unet / "config.json", "UNet2DModel config")
     if config.get("_class_name", "UNet2DModel") != "UNet2DModel":
         raise ValueError(f"{unet / 'config.json'} describes a {config['_class_name']}, not a UNet2DModel")
     weights = [unet / name for name in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")]
@@ -352,7 +354,7 @@ def from_diffusers(cls, path_or_model, scheduler, diffusion):
     if scheduler is not None and diffusion is not None:
         raise ValueError("give scheduler= or diffusion=, not both")
     if isinstance(scheduler, (str, os.PathLike)):
-        scheduler_config = _read_json(Path(scheduler), "scheduler config")
+        scheduler_config = read_json(Path(scheduler), "scheduler config")
     elif isinstance(scheduler, Mapping):
         scheduler_config = scheduler
     elif scheduler is not None:
@@ -529,7 +531,7 @@ def _checkpoint_folder(path) -> Path:
 def verify(path) -> tuple[Path, dict]:
     """(folder, config) of a checkpoint after checking every file against its manifest and the config's format."""
     folder = _checkpoint_folder(path)
-    manifest = _read_json(folder / "manifest.json", "checkpoint manifest")
+    manifest = read_json(folder / "manifest.json", "checkpoint manifest")
     for name, expected in manifest.items():
         file = folder / name
         if not file.is_file():
@@ -539,7 +541,7 @@ def verify(path) -> tuple[Path, dict]:
                              f"{expected['bytes']}")
         if _sha256(file) != expected["sha256"]:
             raise ValueError(f"{file} is corrupted: its sha256 differs from the manifest's")
-    config = _read_json(folder / "config.json", "checkpoint config")
+    config = read_json(folder / "config.json", "checkpoint config")
     if config.get("format") != FORMAT or config.get("version") != VERSION:
         raise ValueError(f"{folder / 'config.json'} is format {config.get('format')!r} version "
                          f"{config.get('version')!r}; this ddpm_fast reads {FORMAT!r} version {VERSION}")
@@ -578,7 +580,7 @@ def read_training_state(path, model: nn.Module, ema: dict | None, optimizer: tor
             raise ValueError(f"{folder / 'ema.safetensors'} does not hold the model's tensors")
         for name, value in saved.items():
             ema[name].copy_(value)
-    state = _read_json(folder / "state.json", "training state")
+    state = read_json(folder / "state.json", "training state")
     if optimizer is not None:
         tensors = read_state_dict(folder / "optimizer.safetensors")
         optimizer.load_state_dict(_optimizer_state(tensors, state.pop("optimizer")))

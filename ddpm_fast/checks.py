@@ -8,6 +8,19 @@ import math
 import torch
 
 
+def describe(x) -> str:
+    """What an argument is, for an error message: a tensor's dtype, shape and device, else its type."""
+    return f"{x.dtype} tensor of shape {tuple(x.shape)} on {x.device}" if isinstance(x, torch.Tensor) \
+        else type(x).__name__
+
+
+def seed(value) -> int:
+    """A Philox key: an int in [0, 2^63) (two uint32 key words; not a bool)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**63:
+        raise ValueError(f"seed must be an int in [0, 2^63), got {value!r}")
+    return value
+
+
 def positive_int(name: str, value) -> int:
     """An int >= 1 (not a bool, not "3")."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:

@@ -3,7 +3,7 @@
 Tables are float64 once (schedule.py), copied to each device once as float32 (float64 for float64 inputs), and
 gathered there by t: no host copy per call. The forward noising, L_simple and the reverse step run as fused ops
 (ddpm_fast/ops/diffusion_step.py) that read one table row per sample; the rest (the posterior, the bound) is eager.
-Public methods validate their arguments (which may sync the host); the sampler calls the unchecked `_reverse_step`.
+Public methods validate their arguments (which may sync the host); the sampler calls the unchecked `reverse_step`.
 """
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from typing import Callable, NamedTuple
 import torch
 from tqdm.auto import tqdm
 
+from ddpm_fast import checks
 from ddpm_fast import schedule as _schedule
 from ddpm_fast.ops import diffusion_step, philox
 
@@ -67,11 +68,6 @@ def discretized_gaussian_log_likelihood(x: torch.Tensor, means: torch.Tensor, lo
     log_one_minus_cdf_min = torch.log((1.0 - cdf_min).clamp(min=1e-12))
     log_cdf_delta = torch.log((cdf_plus - cdf_min).clamp(min=1e-12))
     return torch.where(x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_min, log_cdf_delta))
-
-
-def _describe(x) -> str:
-    return f"{x.dtype} tensor of shape {tuple(x.shape)} on {x.device}" if isinstance(x, torch.Tensor) \
-        else type(x).__name__
 
 
 OBJECTIVES = ("simple", "vlb")
@@ -137,16 +133,18 @@ class Diffusion:
         return derived
 
     # ------------------------------------------------------------------------------------------------ plumbing
-    def _clip(self, clip_denoised: bool | None) -> bool:
-        """A method's clip_denoised: None takes this process's setting."""
+    def resolve_clip(self, clip_denoised: bool | None) -> bool:
+        """A clip_denoised argument as a bool: None takes this process's setting (what every method and sample()
+        does with their clip_denoised=None)."""
         if clip_denoised is None:
             return self.clip_denoised
         if not isinstance(clip_denoised, bool):
             raise ValueError(f"clip_denoised must be a bool or None, got {clip_denoised!r}")
         return clip_denoised
 
-    def _on(self, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-        """The tables on `device` in float32 (float64 for float64 inputs), copied once."""
+    def tables_on(self, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """The coefficient tables (self.tables, plus "q_sample" rows and "timestep_map") on `device` in float32
+        (float64 for float64 inputs), copied there once and cached: a name -> (T, ...) tensor dict to index by t."""
         dtype = torch.float64 if dtype == torch.float64 else torch.float32
         key = (device, dtype)
         if key not in self._device_tables:
@@ -169,15 +167,15 @@ class Diffusion:
 
     def _extract(self, name: str, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """table[t] shaped to broadcast against x: (B, 1, 1, ...)."""
-        return self._on(x.device, x.dtype)[name][t].view(-1, *([1] * (x.dim() - 1)))
+        return diffusion_step.per_sample(self.tables_on(x.device, x.dtype)[name][t], x)
 
     def _original_t(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """The original timestep of each index t (the model's input and the noise counter), gathered on x's device."""
-        return self._on(x.device, x.dtype)["timestep_map"][t]
+        return self.tables_on(x.device, x.dtype)["timestep_map"][t]
 
     def _check_x(self, name: str, x) -> torch.Tensor:
         if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() < 2:
-            raise ValueError(f"{name} must be a floating tensor of shape (B, ...), got {_describe(x)}")
+            raise ValueError(f"{name} must be a floating tensor of shape (B, ...), got {checks.describe(x)}")
         return x
 
     def _check_t(self, t, x: torch.Tensor) -> torch.Tensor:
@@ -186,7 +184,7 @@ class Diffusion:
         if isinstance(t, int) and not isinstance(t, bool):
             t = torch.full((batch,), t, dtype=torch.int64, device=x.device)
         if not isinstance(t, torch.Tensor) or t.dtype not in (torch.int64, torch.int32) or t.dim() > 1:
-            raise ValueError(f"t must be an int or an int64 tensor of shape ({batch},), got {_describe(t)}")
+            raise ValueError(f"t must be an int or an int64 tensor of shape ({batch},), got {checks.describe(t)}")
         if t.device != x.device:
             raise ValueError(f"t is on {t.device} but the data is on {x.device}")
         t = t.to(torch.int64).expand(batch) if t.dim() == 0 else t.to(torch.int64)
@@ -200,7 +198,7 @@ class Diffusion:
     def _check_like(self, name: str, value, x: torch.Tensor, x_name: str) -> torch.Tensor:
         if not isinstance(value, torch.Tensor) or value.shape != x.shape or value.dtype != x.dtype \
                 or value.device != x.device:
-            raise ValueError(f"{name} must match {x_name} ({_describe(x)}), got {_describe(value)}")
+            raise ValueError(f"{name} must match {x_name} ({checks.describe(x)}), got {checks.describe(value)}")
         return value
 
     def _sample_index(self, sample_index, x: torch.Tensor) -> torch.Tensor:
@@ -209,7 +207,7 @@ class Diffusion:
         if not isinstance(sample_index, torch.Tensor) or sample_index.shape != (x.shape[0],) \
                 or sample_index.dtype != torch.int64 or sample_index.device != x.device:
             raise ValueError(f"sample_index must be an int64 tensor of shape ({x.shape[0]},) on {x.device}, "
-                             f"got {_describe(sample_index)}")
+                             f"got {checks.describe(sample_index)}")
         return sample_index
 
     def _noised(self, x0, t, noise, seed, step, sample_index) -> tuple[torch.Tensor, torch.Tensor]:
@@ -217,7 +215,7 @@ class Diffusion:
         Philox stream 2 keyed by (seed, sample_index, step)."""
         if noise is None:
             index = self._sample_index(sample_index, x0)
-            return diffusion_step.q_sample_philox(x0, t, self._on(x0.device, x0.dtype)["q_sample"], index,
+            return diffusion_step.q_sample_philox(x0, t, self.tables_on(x0.device, x0.dtype)["q_sample"], index,
                                                   torch.full_like(index, step), seed=seed,
                                                   stream=philox.STREAM_TRAIN_EPS)
         noise = self._check_like("noise", noise, x0, "x0")
@@ -229,7 +227,7 @@ class Diffusion:
         eps = model(x_t, original_t)
         if not isinstance(eps, torch.Tensor) or eps.shape != x_t.shape:
             raise ValueError(f"the model must return eps with the shape of x_t {tuple(x_t.shape)}, got "
-                             f"{_describe(eps)}")
+                             f"{checks.describe(eps)}")
         if eps.device != x_t.device:
             raise ValueError(f"the model returned a tensor on {eps.device} for x_t on {x_t.device}")
         return eps
@@ -256,7 +254,7 @@ class Diffusion:
         return self._noised(x0, t, noise, seed, step, sample_index)[0]
 
     def _q_sample(self, x0, t, noise):
-        return diffusion_step.q_sample(x0, t, self._on(x0.device, x0.dtype)["q_sample"], noise)
+        return diffusion_step.q_sample(x0, t, self.tables_on(x0.device, x0.dtype)["q_sample"], noise)
 
     def q_posterior_mean_variance(self, x0: torch.Tensor, x_t: torch.Tensor, t):
         """Mean, variance and clipped log variance of the forward posterior q(x_{t-1} | x_t, x0)."""
@@ -285,7 +283,7 @@ class Diffusion:
         """Mean, variance, log variance of p(x_{t-1} | x_t) and x0_hat; the mean is the posterior mean at x0_hat
         (clipped to [-1, 1] if clip_denoised), as the original code."""
         x_t = self._check_x("x_t", x_t)
-        return self._p_mean_variance(model, x_t, self._check_t(t, x_t), self._clip(clip_denoised))
+        return self._p_mean_variance(model, x_t, self._check_t(t, x_t), self.resolve_clip(clip_denoised))
 
     def _p_mean_variance(self, model, x_t, t, clip_denoised):
         pred_x0 = self._predict_x0(x_t, t, self._model_eps(model, x_t, self._original_t(t, x_t)).to(x_t.dtype))
@@ -310,23 +308,27 @@ class Diffusion:
         index = self._sample_index(sample_index, x_t)
         if noise is not None:
             noise = self._check_like("noise", noise, x_t, "x_t")
-        return self._p_sample(model, x_t, t, self._clip(clip_denoised), seed, index, noise)
+        return self._p_sample(model, x_t, t, self.resolve_clip(clip_denoised), seed, index, noise)
 
     def _p_sample(self, model, x_t, t, clip_denoised, seed, sample_index, noise=None) -> PSample:
         if x_t.dtype not in (torch.float32, torch.float64):
             x_t = x_t.float()  # the state of the reverse process is float32
         if noise is None:
             table = self.step_table(x_t.device, x_t.dtype, "ddpm")
-            return PSample(*self._reverse_step(model, x_t, t, table, clip_denoised, seed, sample_index, True))
+            return PSample(*self.reverse_step(model, x_t, t, table, clip_denoised, seed, sample_index, True))
         out = self._p_mean_variance(model, x_t, t, clip_denoised)
-        nonzero = (t != 0).to(x_t.dtype).view(-1, *([1] * (x_t.dim() - 1)))
+        nonzero = diffusion_step.per_sample((t != 0).to(x_t.dtype), x_t)
         return PSample(out.mean + nonzero * torch.exp(0.5 * out.log_variance) * noise.to(x_t.dtype), out.pred_x0)
 
-    def _reverse_step(self, model, x_t, t, table, clip_denoised, seed, sample_index, write_x0=False,
-                      nonfinite_t=None):
+    def reverse_step(self, model, x_t, t, table, clip_denoised, seed, sample_index, write_x0=False,
+                     nonfinite_t=None):
         """(x_{t-1}, x0_hat or None): the model's eps, then the fused step with the rows `table` (step_table) and
         z from Philox stream 1 keyed by (seed, sample_index, original timestep); nonfinite_t (0-d int64) raised to
-        the code step t where x_{t-1} is not finite. Unchecked: the sampler's loop."""
+        the code step t where x_{t-1} is not finite.
+
+        Unchecked, for loops that validated their arguments once (the sampler's): x_t float32 or float64 (B, ...),
+        t int64 (B,) on x_t's device, sample_index int64 (B,), clip_denoised a bool (resolve_clip). p_sample is the
+        checked form."""
         original_t = self._original_t(t, x_t)
         eps = self._model_eps(model, x_t, original_t)
         return diffusion_step.reverse_step(x_t, eps, t, table, sample_index, original_t, seed=seed,
@@ -372,7 +374,7 @@ class Diffusion:
         NLL -log p(x0 | x_1) for t = 0; also x0_hat."""
         x0 = self._check_x("x0", x0)
         x_t = self._check_like("x_t", x_t, x0, "x0")
-        return self._vb_terms_bpd(model, x0, x_t, self._check_t(t, x0), self._clip(clip_denoised))
+        return self._vb_terms_bpd(model, x0, x_t, self._check_t(t, x0), self.resolve_clip(clip_denoised))
 
     def _vb_terms_bpd(self, model, x0, x_t, t, clip_denoised):
         true_mean, _, true_log_variance = self._q_posterior(x0, x_t, t)
@@ -391,7 +393,7 @@ class Diffusion:
         :param x0: (B, C, H, W) 8-bit data scaled to [-1, 1].
         """
         x0 = self._check_x("x0", x0)
-        clip_denoised = self._clip(clip_denoised)
+        clip_denoised = self.resolve_clip(clip_denoised)
         index = self._sample_index(sample_index, x0)
         batch, steps = x0.shape[0], self.num_timesteps
         terms = x0.new_empty(batch, steps)
@@ -399,7 +401,7 @@ class Diffusion:
         timesteps = torch.arange(steps, device=x0.device)
         for i in tqdm(range(steps - 1, -1, -1), desc="bound", disable=not progress, leave=False):
             t = timesteps[i].expand(batch)
-            x_t, _ = diffusion_step.q_sample_philox(x0, t, self._on(x0.device, x0.dtype)["q_sample"], index,
+            x_t, _ = diffusion_step.q_sample_philox(x0, t, self.tables_on(x0.device, x0.dtype)["q_sample"], index,
                                                     self._original_t(t, x0), seed=seed,
                                                     stream=philox.STREAM_EVAL_EPS)
             terms[:, i], pred_x0 = self._vb_terms_bpd(model, x0, x_t, t, clip_denoised)

@@ -23,7 +23,7 @@ from ddpm_fast.diffusion import Diffusion
 from ddpm_fast.inception import FIDInception
 from ddpm_fast.ops import philox
 from ddpm_fast import checks
-from ddpm_fast.sampling import Autocast, _model_device, _resolve_diffusion, eval_mode
+from ddpm_fast.sampling import Autocast, model_device, resolve_diffusion, eval_mode
 
 
 @dataclass
@@ -51,8 +51,8 @@ class NLLReport:
 def _setup(model, diffusion, device):
     """The process (as sample(): the argument, else the model's, else Diffusion()) and the device (the argument, else
     the model's, else the CPU)."""
-    device = checks.device(device) if device is not None else (_model_device(model) or torch.device("cpu"))
-    return _resolve_diffusion(model, diffusion, None, None), device
+    device = checks.device(device) if device is not None else (model_device(model) or torch.device("cpu"))
+    return resolve_diffusion(model, diffusion, None, None), device
 
 
 def nll(model, data, *, diffusion: Diffusion | None = None, batch_size: int = 64, seed: int = 0, device=None,

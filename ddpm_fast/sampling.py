@@ -96,7 +96,8 @@ def _batch_that_fits(model, shape, device, held_images: int) -> tuple[int | None
     return fits, words
 
 
-def _model_device(model) -> torch.device | None:
+def model_device(model) -> torch.device | None:
+    """Where an nn.Module's parameters (else buffers) live; None for a plain callable or a module without any."""
     if isinstance(model, nn.Module):
         for tensor in model.parameters():
             return tensor.device
@@ -140,7 +141,7 @@ def _resolve_shape(model, shape) -> tuple[int, ...]:
     return tuple(shape)
 
 
-def _resolve_diffusion(model, diffusion, variance, steps) -> Diffusion:
+def resolve_diffusion(model, diffusion, variance, steps) -> Diffusion:
     """diffusion= > the model's own > the defaults; then variance= and steps= applied to it."""
     if diffusion is None:
         diffusion = getattr(model, "diffusion", None) or Diffusion()
@@ -240,7 +241,7 @@ class _Engine:
         raises bad to i where its output is not finite (in the same pass, without a host sync): the first step that
         went non-finite, since i falls."""
         t = i.expand(x.shape[0])
-        return self.diffusion._reverse_step(self.network, x, t, self.table, self.clip_denoised, self.seed, index,
+        return self.diffusion.reverse_step(self.network, x, t, self.table, self.clip_denoised, self.seed, index,
                                             write_x0=self.write_x0, nonfinite_t=bad)
 
     def run(self, batch: _Batch, bar) -> torch.Tensor:
@@ -398,19 +399,19 @@ def sample(model, n: int, *, diffusion: Diffusion | None = None, sampler: str = 
     for name, value in (("progress", progress), ("cuda_graph", cuda_graph)):
         checks.flag(name, value)
     checks.choice("out_format", out_format, _sample_store.FORMATS)
-    philox._check_seed(seed)
+    checks.seed(seed)
     if batch_size is not None:
         checks.positive_int("batch_size", batch_size)
     shape = _resolve_shape(model, shape)
-    diffusion = _resolve_diffusion(model, diffusion, variance, steps)
-    clip_denoised = diffusion._clip(clip_denoised)
+    diffusion = resolve_diffusion(model, diffusion, variance, steps)
+    clip_denoised = diffusion.resolve_clip(clip_denoised)
 
-    model_device = _model_device(model)
-    device = checks.device(device) if device is not None else (model_device or torch.device("cpu"))
+    weights_on = model_device(model)
+    device = checks.device(device) if device is not None else (weights_on or torch.device("cpu"))
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    if model_device is not None and model_device != device:
-        raise ValueError(f"the model is on {model_device} but device={device}; move one of them")
+    if weights_on is not None and weights_on != device:
+        raise ValueError(f"the model is on {weights_on} but device={device}; move one of them")
 
     dtype = _network_dtype(network_dtype, device)
     layout = _memory_format(model)

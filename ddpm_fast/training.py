@@ -88,7 +88,7 @@ class TrainConfig:
         collect(checks.flag, "flip", self.flip)
         collect(checks.choice, "objective", self.objective, OBJECTIVES)
         collect(checks.choice, "precision", self.precision, ("auto", "float32", "bfloat16"))
-        philox._check_seed(self.seed)
+        checks.seed(self.seed)
         if not problems and self.batch_size % (world * self.grad_accum):
             problems.append(f"batch_size {self.batch_size} is not divisible by processes x grad_accum = "
                             f"{world} x {self.grad_accum}")

@@ -16,7 +16,7 @@ from torch import nn
 
 from ddpm_fast import checks
 from ddpm_fast.ops import attention
-from ddpm_fast.ops._cache import weights_key
+from ddpm_fast.ops.cache import weights_key
 from ddpm_fast.ops.conv import PackedConv
 from ddpm_fast.ops.group_norm import group_norm_silu
 

@@ -13,16 +13,14 @@ GroupNorm is kernels/group_norm.py's.
 float32 tiles go through tl.dot at its default precision: tf32 on a GPU (results within ~1e-3 of float32), exact under
 the CPU interpreter. Head width (C) up to 512 (launch_config).
 """
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-from ddpm_fast.kernels import group_norm as group_norm_kernels, launch
+from ddpm_fast.kernels import INTERPRETED, group_norm as group_norm_kernels, launch
 from ddpm_fast.kernels.layout import acc_dtype
 
-_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 # Launch configurations per kernel and head width (BLOCK_D = C rounded up to a power of two, at least 16 for tl.dot),
 # chosen from the sm_90 compile check (tests/sm90_jit.py prints registers, spills and shared memory): float32 tiles
 # of (BLOCK_M or BLOCK_N) x BLOCK_D accumulate in registers and the dot operands stage through shared memory, so
@@ -47,7 +45,7 @@ def launch_config(channels: int, kernel: str) -> dict:
     if channels > MAX_CHANNELS:
         raise ValueError(f"the Triton attention kernels take heads of at most {MAX_CHANNELS} channels, got {channels}")
     block_d = max(16, triton.next_power_of_2(channels))
-    if _INTERPRETED:
+    if INTERPRETED:
         return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_D=block_d)
     widest = min(width for width in _CONFIGS if width >= block_d)
     block_m, block_n, warps, stages = _CONFIGS[widest][kernel]

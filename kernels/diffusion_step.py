@@ -10,24 +10,22 @@ Memory traffic per element (float32): q_sample reads x0 and noise and writes x_t
 writes x_t and eps (12 B); simple_loss reads two tensors (8 B); its backward reads two and writes one (12 B);
 reverse_step reads x_t and eps and writes x_{t-1} (12 B, 16 B with x0_hat).
 """
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-from ddpm_fast.kernels import launch
+from ddpm_fast.kernels import INTERPRETED, launch
 from ddpm_fast.kernels.layout import acc_dtype as _acc, like, runnable, sample_layout as _layout
 
-_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 # Elements per program: the interpreter pays ~1 ms per program, a GPU wants a few thousand programs.
-_BLOCK = 65536 if _INTERPRETED else 1024
+_BLOCK = 65536 if INTERPRETED else 1024
 _NUM_WARPS = 4
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
 @triton.jit
-def _element_offset(b, e, spatial, stride_b, stride_c, stride_s, CONTIGUOUS: tl.constexpr):
+def element_offset(b, e, spatial, stride_b, stride_c, stride_s, CONTIGUOUS: tl.constexpr):
     """Memory offset (int64) of logical element e of sample b: (C, S) order, channel e // S, position e % S."""
     if CONTIGUOUS:
         return b * stride_b + e
@@ -92,7 +90,7 @@ def _q_sample_philox_kernel(
     timesteps,  # T
     seed,  # int64 Philox key
     c3,  # int32 counter word c3 (stream | layer << 8)
-    numel, spatial, stride_b, stride_c, stride_s,  # the sample layout (see _element_offset)
+    numel, spatial, stride_b, stride_c, stride_s,  # the sample layout (see element_offset)
     CONTIGUOUS: tl.constexpr,
     BLOCK: tl.constexpr,  # elements per program, a multiple of 4
 ):
@@ -104,7 +102,7 @@ def _q_sample_philox_kernel(
                  tl.load(counter2_ptr + b).to(tl.uint32), tl.cast(c3, tl.uint32), BLOCK)
     row, valid = _row(coef_ptr, t_ptr + b, timesteps, 2)
     sqrt_abar, sqrt_one_minus_abar = tl.load(row), tl.load(row + 1)
-    off = _element_offset(b, e, spatial, stride_b, stride_c, stride_s, CONTIGUOUS)
+    off = element_offset(b, e, spatial, stride_b, stride_c, stride_s, CONTIGUOUS)
     x0 = tl.load(x0_ptr + off, mask=mask).to(sqrt_abar.dtype)
     eps = z.to(sqrt_abar.dtype)
     x_t = sqrt_abar * x0 + sqrt_one_minus_abar * eps
@@ -177,7 +175,7 @@ def _reverse_step_kernel(
     row, valid = _row(coef_ptr, t_ptr + b, timesteps, 5)
     a, bb = tl.load(row), tl.load(row + 1)
     coef_x0, coef_xt, sigma = tl.load(row + 2), tl.load(row + 3), tl.load(row + 4)
-    off = _element_offset(b, e, spatial, stride_b, stride_c, stride_s, CONTIGUOUS)
+    off = element_offset(b, e, spatial, stride_b, stride_c, stride_s, CONTIGUOUS)
     x = tl.load(x_t_ptr + off, mask=mask)
     eps = tl.load(eps_ptr + off, mask=mask).to(x.dtype)
     x0 = a * x - bb * eps

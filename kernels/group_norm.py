@@ -10,18 +10,16 @@ the uniform of word e % 4 of Philox counter (e // 4, sample_index[n], counter2[n
 Memory traffic per element (float32): forward reads x twice (statistics, output) and writes y: 12 B, 8 B when the
 group fits in cache; backward reads x and dy in both passes and writes dx: 20 B.
 """
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-from ddpm_fast.kernels import launch
+from ddpm_fast.kernels import INTERPRETED, launch
 from ddpm_fast.kernels.layout import acc_dtype, is_channels_last, like, runnable
 
-_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 # Positions per block: the interpreter pays per block, a GPU wants a few hundred threads' worth.
-_BLOCK = 4096 if _INTERPRETED else 512
+_BLOCK = 4096 if INTERPRETED else 512
 _NUM_WARPS = 4
 
 

@@ -3,17 +3,15 @@
 Memory traffic: philox_normal writes 4 bytes per normal and reads 16 bytes per sample; it is bound by the ten
 Philox rounds (~40 integer ops per four normals) and the Box-Muller log/sqrt/cos/sin, not by memory.
 """
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-from ddpm_fast.kernels import launch
+from ddpm_fast.kernels import INTERPRETED, launch
 
-_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 # Counters per program: the interpreter pays ~1 ms per program, a GPU wants many small ones.
-_MAX_BLOCK = 16384 if _INTERPRETED else 1024
+_MAX_BLOCK = 16384 if INTERPRETED else 1024
 
 
 @triton.jit

@@ -18,7 +18,7 @@ truncated run did not.
 
 No TRITON_INTERPRET here: the kernel modules must be imported as the GPU imports them (JITFunctions, GPU block
 sizes). Neither ddpm_fast's registry nor Triton lets Triton run on CPU tensors outside the interpreter, so this
-program allows it in the registry (_status_on), replaces the driver, and stands in for the NVIDIA backend's
+program allows it in the registry (status_on), replaces the driver, and stands in for the NVIDIA backend's
 `subprocess` to keep ptxas's log (_PtxasLogs); nothing else is patched. It compiles into an empty Triton cache of its
 own, so every specialisation is compiled here.
 """
@@ -395,14 +395,14 @@ def _register_all():
 
 # ---------------------------------------------------------------------------------------------------- main
 def _allow_triton_on_cpu():
-    from ddpm_fast.ops import _registry
-    status_on = _registry._status_on
+    from ddpm_fast.ops import registry
+    status_on = registry.status_on
 
     def status(backend, device):
         if backend == "triton" and device.type == "cpu":
-            return _registry.BackendStatus(True, "")
+            return registry.BackendStatus(True, "")
         return status_on(backend, device)
-    _registry._status_on = status
+    registry.status_on = status
 
 
 def main(argv=None) -> None:

@@ -69,9 +69,9 @@ def test_triton_gpu_tiles_equal_the_paper_block(monkeypatch, channels, side):
     """The GPU's launch configurations (tiles of 16-64 queries and keys per head width, as launch_config gives them
     on a GPU), run by the interpreter: more than one query and key block wherever the tile allows."""
     from ddpm_fast.kernels import attention as kernels
-    if not kernels._INTERPRETED:
+    if not kernels.INTERPRETED:
         pytest.skip("the interpreter runs these tiles; on a GPU the other tests run them")
-    monkeypatch.setattr(kernels, "_INTERPRETED", False)
+    monkeypatch.setattr(kernels, "INTERPRETED", False)
     assert any(max(kernels.launch_config(channels, k)["BLOCK_M"], kernels.launch_config(channels, k)["BLOCK_N"]) > 16
                for k in ("forward", "backward_query", "backward_key"))
     shape = (2, channels, side, side)

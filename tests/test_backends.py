@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import ddpm_fast
-from ddpm_fast.ops import BackendUnavailable, _registry, use_backend
+from ddpm_fast.ops import BackendUnavailable, registry, use_backend
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -31,15 +31,15 @@ def test_backends_report_every_backend_with_a_reason():
 
 
 def test_the_extension_belongs_to_the_running_torch():
-    from ddpm_fast import _C
-
-    assert _C.torch_version == torch.__version__
-    assert _C.with_cuda in (0, 1)
+    extension, reason = registry.cpp_module()  # the one place that imports ddpm_fast._C
+    assert extension is not None, reason
+    assert extension.torch_version == torch.__version__
+    assert extension.with_cuda in (0, 1)
 
 
 def test_an_extension_built_for_another_torch_is_refused(monkeypatch):
     monkeypatch.setattr(torch, "__version__", "0.0.1+other")
-    module, reason = _registry._cpp_module.__wrapped__()
+    module, reason = registry.cpp_module.__wrapped__()
     assert module is None
     assert "but torch 0.0.1+other is running" in reason and "--no-build-isolation" in reason
 
@@ -84,14 +84,14 @@ def test_triton_asked_for_without_a_gpu_or_interpreter_says_why():
 def test_env_var_and_context_choose_and_refuse():
     with pytest.raises(BackendUnavailable, match="some_op has no 'cpp' implementation"):
         with use_backend("cpp"):  # (every ddpm_fast op has all three: a made-up op that has only the reference)
-            _registry.choose("some_op", torch.device("cpu"), ("reference",))
+            registry.choose("some_op", torch.device("cpu"), ("reference",))
     done = run_python("import torch; from ddpm_fast.ops import group_norm as g\n"
                       "g.group_norm_silu(torch.randn(2, 8, 3, 3), torch.ones(8), torch.zeros(8), 4, 1e-6)",
                       DDPM_FAST_BACKEND="triton")
     assert done.returncode != 0 and "$DDPM_FAST_BACKEND" in done.stderr
-    assert _registry.choose("x", torch.device("cpu"), ("reference", "cpp")) == "cpp"
-    assert _registry.choose("x", torch.device("cpu"), ("reference",)) == "reference"
-    assert _registry.choose("x", torch.device("cpu"), ("reference", "cpp", "triton")) == "cpp"  # table, not timing
+    assert registry.choose("x", torch.device("cpu"), ("reference", "cpp")) == "cpp"
+    assert registry.choose("x", torch.device("cpu"), ("reference",)) == "reference"
+    assert registry.choose("x", torch.device("cpu"), ("reference", "cpp", "triton")) == "cpp"  # table, not timing
 
 
 def test_plain_pip_install_stops_early_with_one_message():

@@ -14,7 +14,7 @@ from ddpm_fast.ops import conv as conv_ops
 from ddpm_fast.ops.conv import PackedConv
 from helpers import relative_error
 
-pytestmark = pytest.mark.skipif(not conv_ops._MKLDNN, reason="torch was built without oneDNN (mkldnn)")
+pytestmark = pytest.mark.skipif(not conv_ops.MKLDNN, reason="torch was built without oneDNN (mkldnn)")
 
 # (in, out, kernel, stride, padding, input shape): the U-Net's 3x3, its 1x1 shortcut, its stride-2 downsample
 # (padded by the caller), an odd spatial size and one input channel (conv_in of a grey-level preset)
@@ -48,7 +48,7 @@ def test_packed_equals_conv2d_plus_the_add(case, layout, with_residual):
     want = reference(conv, x, residual)
     with torch.inference_mode():
         got = conv(x, residual=residual)
-    assert len(conv._packed) == 1  # it took the packed path
+    assert len(conv.packed) == 1  # it took the packed path
     assert got.shape == want.shape and relative_error(got, want) < 1e-6
     if residual is None or layout == torch.channels_last:  # whatever x's layout (an NCHW residual: added after)
         assert got.is_contiguous(memory_format=torch.channels_last)
@@ -64,9 +64,9 @@ def test_weights_are_packed_once_and_again_after_they_change():
     x = torch.randn(2, 8, 6, 6)
     with torch.inference_mode():
         conv(x)
-        packed = next(iter(conv._packed.values()))
+        packed = next(iter(conv.packed.values()))
         conv(x)
-        assert next(iter(conv._packed.values())) is packed and len(conv._packed) == 1
+        assert next(iter(conv.packed.values())) is packed and len(conv.packed) == 1
     with torch.no_grad():
         conv.weight.mul_(-2.0)  # an optimizer step: the version counter moves
     with torch.inference_mode():
@@ -82,16 +82,16 @@ def test_autograd_and_other_dtypes_run_conv2d_and_backends_do_not_apply():
     x = torch.randn(2, 8, 6, 6, requires_grad=True)
     residual = torch.randn(2, 8, 6, 6)
     conv(x, residual=residual).square().sum().backward()  # grad enabled: F.conv2d, differentiable
-    assert x.grad is not None and conv.weight.grad is not None and not conv._packed
+    assert x.grad is not None and conv.weight.grad is not None and not conv.packed
     with torch.inference_mode():
         wide = copy.deepcopy(conv).double()
-        assert wide(x.detach().double(), residual=residual.double()).dtype == torch.float64 and not wide._packed
-    assert not conv._packed
+        assert wide(x.detach().double(), residual=residual.double()).dtype == torch.float64 and not wide.packed
+    assert not conv.packed
     with torch.inference_mode():  # the registry's backends are our kernels: the convolution is torch's under each
         for backend in ("reference", "triton"):
             with use_backend(backend):
                 assert relative_error(conv(x.detach()), reference(conv, x.detach())) < 1e-6
-    assert len(conv._packed) == 1
+    assert len(conv.packed) == 1
 
 
 def test_copies_and_pickles_without_the_packed_tensors():
@@ -100,7 +100,7 @@ def test_copies_and_pickles_without_the_packed_tensors():
     with torch.inference_mode():
         want = conv(x)
     for clone in (copy.deepcopy(conv), pickle.loads(pickle.dumps(conv))):
-        assert not clone._packed and set(clone.state_dict()) == {"weight", "bias"}
+        assert not clone.packed and set(clone.state_dict()) == {"weight", "bias"}
         with torch.inference_mode():
             assert torch.equal(clone(x), want)
 
@@ -125,13 +125,13 @@ def test_bf16_autocast_and_bf16_models_pack_bf16_weights(with_residual):
         want = reference(conv, x, None if residual is None else residual.bfloat16())
         got = conv(x, residual=None if residual is None else residual.bfloat16())
         promoted = conv(x, residual=residual)
-    assert len(conv._packed) == 1 and next(iter(conv._packed))[1] == torch.bfloat16
+    assert len(conv.packed) == 1 and next(iter(conv.packed))[1] == torch.bfloat16
     assert got.dtype == want.dtype == torch.bfloat16 and got.is_contiguous(memory_format=torch.channels_last)
     assert relative_error(got, want) < 1e-2  # bf16: 8 bits of mantissa, in the output and in the operands
     assert promoted.dtype == (torch.float32 if with_residual else torch.bfloat16)
     model = copy.deepcopy(conv).bfloat16()
     with torch.inference_mode():
-        assert relative_error(model(x.bfloat16()), reference(model, x.bfloat16())) < 1e-2 and model._packed
+        assert relative_error(model(x.bfloat16()), reference(model, x.bfloat16())) < 1e-2 and model.packed
 
 
 def test_float16_autocast_gets_torch_convolutions():
@@ -139,4 +139,4 @@ def test_float16_autocast_gets_torch_convolutions():
     conv = make(8, 8, 3, 1, 1)
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.float16):
         assert conv(torch.randn(2, 8, 6, 6)).dtype == torch.float16
-    assert not conv._packed
+    assert not conv.packed

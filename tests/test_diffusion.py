@@ -73,9 +73,9 @@ def test_tables_against_the_formulas(variance):
 
 def test_tables_live_on_the_device_once(diffusion):
     x = data(dtype=torch.float32)
-    first = diffusion._on(x.device, x.dtype)
-    assert first["betas"].dtype == torch.float32 and diffusion._on(x.device, x.dtype) is first
-    assert diffusion._on(x.device, torch.float64)["betas"].dtype == torch.float64
+    first = diffusion.tables_on(x.device, x.dtype)
+    assert first["betas"].dtype == torch.float32 and diffusion.tables_on(x.device, x.dtype) is first
+    assert diffusion.tables_on(x.device, torch.float64)["betas"].dtype == torch.float64
 
 
 def test_q_sample_and_its_inverse(diffusion):

@@ -12,7 +12,7 @@ import triton.language as tl
 
 import ddpm_fast
 from ddpm_fast import Diffusion
-from ddpm_fast.kernels.diffusion_step import _element_offset
+from ddpm_fast.kernels.diffusion_step import element_offset
 from ddpm_fast.ops import BackendUnavailable, diffusion_step as ds, philox
 from helpers import relative_error
 
@@ -74,8 +74,8 @@ def test_q_sample_philox_equals_reference_and_draws_the_stream(backend, dtype, s
     t = mixed_t(shape[0], g)
     index, counter2 = keys(shape[0])
     acc = torch.float64 if dtype == torch.float64 else torch.float32
-    coef = diffusion._on(torch.device("cpu"), acc)["q_sample"]
-    coef64 = diffusion._on(torch.device("cpu"), torch.float64)["q_sample"]
+    coef = diffusion.tables_on(torch.device("cpu"), acc)["q_sample"]
+    coef64 = diffusion.tables_on(torch.device("cpu"), torch.float64)["q_sample"]
     stream = philox.randn(index, counter2, shape[1:], seed=2**40 + 1, stream=philox.STREAM_TRAIN_EPS,
                           backend="reference")
     expected = ds.q_sample_reference(x0.double(), t, coef64, stream.double())
@@ -95,8 +95,8 @@ def test_q_sample_philox_equals_reference_and_draws_the_stream(backend, dtype, s
 def test_q_sample_with_given_noise(backend, dtype, shape, diffusion, poisoned):
     x0, noise = data(shape, dtype, 3), data(shape, dtype, 4)
     t = mixed_t(shape[0], torch.Generator().manual_seed(5))
-    coef = diffusion._on(torch.device("cpu"), torch.float64 if dtype == torch.float64 else torch.float32)["q_sample"]
-    expected = ds.q_sample_reference(x0.double(), t, diffusion._on(torch.device("cpu"), torch.float64)["q_sample"],
+    coef = diffusion.tables_on(torch.device("cpu"), torch.float64 if dtype == torch.float64 else torch.float32)["q_sample"]
+    expected = ds.q_sample_reference(x0.double(), t, diffusion.tables_on(torch.device("cpu"), torch.float64)["q_sample"],
                                      noise.double())
     for name, x in layouts(x0):
         out = ds.q_sample(x, t, coef, noise, backend=backend)
@@ -107,7 +107,7 @@ def test_q_sample_with_given_noise(backend, dtype, shape, diffusion, poisoned):
 def test_q_sample_gradients(backend, diffusion):
     x0, noise = data((2, 3, 4, 4), torch.float64, 6), data((2, 3, 4, 4), torch.float64, 7)
     t = torch.tensor([0, 999])
-    coef = diffusion._on(torch.device("cpu"), torch.float64)["q_sample"]
+    coef = diffusion.tables_on(torch.device("cpu"), torch.float64)["q_sample"]
     assert torch.autograd.gradcheck(lambda a, b: ds.q_sample(a, t, coef, b, backend=backend),
                                     (x0.requires_grad_(), noise.requires_grad_()))
     x = x0.detach().requires_grad_()
@@ -299,7 +299,7 @@ def cpp_op_samples(diffusion):
     eps = data((2, 3, 4, 5), torch.float32, 71)
     t = torch.tensor([0, 600])
     index, counter2 = torch.tensor([1, 2]), torch.tensor([3, 4])
-    q = diffusion._on(torch.device("cpu"), torch.float32)["q_sample"]
+    q = diffusion.tables_on(torch.device("cpu"), torch.float32)["q_sample"]
     step = diffusion.step_table("cpu")
     return {
         "q_sample": (x0, t, q, eps),
@@ -328,7 +328,7 @@ def test_opcheck_cpp_ops(op, diffusion):
 
 def test_torch_compile_fullgraph_equals_eager(diffusion):
     """One training step's ops and one sampling step, compiled whole, on the C++ ops."""
-    q = diffusion._on(torch.device("cpu"), torch.float32)["q_sample"]
+    q = diffusion.tables_on(torch.device("cpu"), torch.float32)["q_sample"]
     table = diffusion.step_table("cpu")
 
     def both(x0, eps_pred, t, index):
@@ -347,7 +347,7 @@ def test_torch_compile_fullgraph_equals_eager(diffusion):
 # ---------------------------------------------------------------------------------------------------- bad input
 def test_bad_input_names_the_reason(diffusion):
     x, t = data((2, 3, 4, 4), torch.float32, 90), torch.tensor([1, 2])
-    q = diffusion._on(torch.device("cpu"), torch.float32)["q_sample"]
+    q = diffusion.tables_on(torch.device("cpu"), torch.float32)["q_sample"]
     table = diffusion.step_table("cpu")
     index = torch.arange(2)
     with pytest.raises(ValueError, match="x0 must be a"):
@@ -429,7 +429,7 @@ def test_index_arithmetic_is_int64_in_triton():
 
     @triton.jit
     def probe(out_ptr, b, e, spatial, stride_b, stride_c, stride_s, CONTIGUOUS: tl.constexpr):
-        tl.store(out_ptr, _element_offset(b.to(tl.int64), e.to(tl.int64), spatial, stride_b, stride_c, stride_s,
+        tl.store(out_ptr, element_offset(b.to(tl.int64), e.to(tl.int64), spatial, stride_b, stride_c, stride_s,
                                           CONTIGUOUS))
 
     numel, spatial = 3 * 4096 * 4096, 4096 * 4096
@@ -518,8 +518,8 @@ def test_every_op_on_cuda_equals_the_cpu_reference(backend, dtype, shape, diffus
     eps_in = data(shape, dtype, 201)
     t = mixed_t(shape[0], torch.Generator().manual_seed(202))
     index, counter2 = keys(shape[0])
-    q64 = diffusion._on(torch.device("cpu"), torch.float64)["q_sample"]
-    q = diffusion._on(cuda, torch.float32)["q_sample"]
+    q64 = diffusion.tables_on(torch.device("cpu"), torch.float64)["q_sample"]
+    q = diffusion.tables_on(cuda, torch.float32)["q_sample"]
     on = {name: v.to(cuda) for name, v in dict(x=x, eps=eps_in, t=t, index=index, counter2=counter2).items()}
     stream = philox.randn(index, counter2, shape[1:], seed=11, stream=philox.STREAM_TRAIN_EPS, backend="reference")
     for layout, xx in layouts(on["x"]):
@@ -550,12 +550,12 @@ def test_opcheck_and_compile_on_cuda(diffusion):
     cuda = torch.device("cuda")
     samples = {name: tuple(a.to(cuda) if isinstance(a, torch.Tensor) else a for a in args)
                for name, args in cpp_op_samples(diffusion).items()}
-    ds._triton()
+    ds.triton_ops()
     flagged = samples["reverse_step"] + (torch.tensor(-1, device=cuda),)
     for name, args in list(samples.items()) + [("reverse_step", flagged)]:
         torch.library.opcheck(getattr(torch.ops.ddpm_fast, name).default, args)
         torch.library.opcheck(getattr(torch.ops.ddpm_fast, name + "_triton").default, args)
-    q = diffusion._on(cuda, torch.float32)["q_sample"]
+    q = diffusion.tables_on(cuda, torch.float32)["q_sample"]
     table = diffusion.step_table(cuda)
 
     def both(x0, eps_pred, t, index):

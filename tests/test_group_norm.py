@@ -336,7 +336,7 @@ def test_a_call_without_dropout_after_inference_mode_still_trains():
     """Calls without dropout share one placeholder for the counter words (no mask to draw); made inside
     inference_mode first, it must still be a normal tensor that a later training call can save for its backward."""
     from ddpm_fast.ops import group_norm as ops
-    ops._placeholders.clear()
+    ops.placeholders.clear()
     x, w, b = torch.randn(2, 8, 3, 3), torch.randn(8), torch.randn(8)
     with torch.inference_mode():
         ops.group_norm_silu(x, w, b, 4, 1e-6)

@@ -53,7 +53,7 @@ def test_cuda_group_norm_equals_the_float64_reference(shape, groups, dtype, drop
 def test_cuda_group_norm_ops_pass_opcheck(suffix):
     from ddpm_fast.ops import group_norm
 
-    group_norm._triton()  # registers the Triton ops
+    group_norm.triton_ops()  # registers the Triton ops
     ops = torch.ops.ddpm_fast
     x, w, b, add, dy = (t.cuda() for t in inputs((2, 8, 5, 5), torch.float32, 1))
     index, counter2 = torch.arange(2, device="cuda"), torch.full((2,), STEP, device="cuda")

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from ddpm_fast.kernels.layout import acc_dtype, is_channels_last
-from ddpm_fast.ops import _registry
+from ddpm_fast.ops import registry
 
 IMPLEMENTED = ("reference", "cpp", "triton")
 # The C++ kernels run on CPU tensors only (no CUDA kernel of this op: the GPU's are Triton's).
@@ -98,7 +98,8 @@ def _register_triton_ops():
 _triton_op = None
 
 
-def _triton():
+def triton_ops():
+    """The Triton ops, registered with torch.library on first use (triton is imported only then)."""
     global _triton_op
     if _triton_op is None:
         _triton_op = _register_triton_ops()
@@ -108,7 +109,7 @@ def _triton():
 # ---------------------------------------------------------------------------------------------------- autograd
 def _register_cpp_extras() -> None:
     """Fake impls and autograd of the C++ op (only when _C is loaded)."""
-    if _registry._cpp_module()[0] is None:
+    if registry.cpp_module()[0] is None:
         return
 
     @torch.library.register_fake("ddpm_fast::attention_block")
@@ -175,17 +176,17 @@ def attention_block(x: torch.Tensor, norm_weight: torch.Tensor, norm_bias: torch
                              f"{tuple(value.shape)} on {value.device}")
     if num_groups < 1 or c % num_groups:
         raise ValueError(f"attention_block: {c} channels cannot be split into {num_groups} groups")
-    chosen = _registry.choose("attention_block", x.device, IMPLEMENTED, backend, ORDER)
+    chosen = registry.choose("attention_block", x.device, IMPLEMENTED, backend, ORDER)
     if chosen == "reference":
         return attention_block_reference(x, norm_weight, norm_bias, qkv_weight, qkv_bias, proj_weight, proj_bias,
                                          num_groups, eps)
     if chosen == "cpp" and x.device.type != "cpu":
-        raise _registry.BackendUnavailable(
+        raise registry.BackendUnavailable(
             f"attention_block: backend 'cpp' runs on CPU tensors only (the GPU kernels are Triton's); got x on "
             f"{x.device}")
     if folded is None:
         folded = fold_weights(qkv_weight, qkv_bias, proj_weight, proj_bias)
-    op = torch.ops.ddpm_fast.attention_block if chosen == "cpp" else _triton()
+    op = torch.ops.ddpm_fast.attention_block if chosen == "cpp" else triton_ops()
     if torch.is_autocast_enabled(x.device.type):  # the op picks its GEMMs' dtype from x's and returns x's dtype;
         with torch.autocast(x.device.type, enabled=False):  # autocast would recast them under its buffers
             return op(x, norm_weight, norm_bias, *folded, num_groups, float(eps))[0]

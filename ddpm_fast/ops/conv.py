@@ -23,14 +23,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from ddpm_fast.kernels.layout import is_channels_last
-from ddpm_fast.ops._cache import weights_key
+from ddpm_fast.ops.cache import weights_key
 
 
 def _mkldnn_ready() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
 
 
-_MKLDNN = _mkldnn_ready()
+MKLDNN = _mkldnn_ready()  # whether this torch has the oneDNN packed convolutions that PackedConv uses
 
 
 def conv2d_reference(x, weight, bias, stride, padding, residual=None):
@@ -46,7 +46,7 @@ class PackedConv(nn.Conv2d):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self._packed: dict = {}
+        self.packed: dict = {}  # (input key) -> the packed weights and bias; at most two
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         return conv2d(self, x, residual)
@@ -55,20 +55,20 @@ class PackedConv(nn.Conv2d):
         """The weights in oneDNN's format for channels_last input of x's shape and dtype, and the bias in x's dtype
         (oneDNN's bf16 convolution takes a bf16 bias)."""
         key = (tuple(x.shape), x.dtype, weights_key(self.weight, *([] if self.bias is None else [self.bias])))
-        if key not in self._packed:
-            if len(self._packed) >= 2:  # a copy of the weights each: keep two (a sampler's batch and its last one)
-                self._packed.clear()
+        if key not in self.packed:
+            if len(self.packed) >= 2:  # a copy of the weights each: keep two (a sampler's batch and its last one)
+                self.packed.clear()
             weight = self.weight.to(x.dtype).contiguous(memory_format=torch.channels_last)
-            self._packed[key] = (torch._C._nn.mkldnn_reorder_conv2d_weight(
+            self.packed[key] = (torch._C._nn.mkldnn_reorder_conv2d_weight(
                 weight.to_mkldnn(), list(self.padding), list(self.stride), list(self.dilation), self.groups,
                 list(x.shape)), None if self.bias is None else self.bias.to(x.dtype))
-        return self._packed[key]
+        return self.packed[key]
 
     def __getstate__(self):  # copy.deepcopy, pickle: oneDNN's packed tensors have no storage to copy
-        return {**self.__dict__, "_packed": {}}
+        return {**self.__dict__, "packed": {}}
 
     def _apply(self, fn, *args, **kwargs):
-        self._packed = {}  # .to(), .cuda(), .double(): the packed weights belong to the old tensors
+        self.packed = {}  # .to(), .cuda(), .double(): the packed weights belong to the old tensors
         return super()._apply(fn, *args, **kwargs)
 
 
@@ -76,7 +76,7 @@ def _packed_dtype(conv: PackedConv, x: torch.Tensor) -> torch.dtype | None:
     """The dtype the packed path runs in for this call (module docstring), None where it does not apply: bf16 under
     bf16 autocast (autocast's own rule for conv2d, with float32 weights), else x's dtype where it is the weights' and
     float32 or bf16."""
-    if not (_MKLDNN and x.device.type == "cpu" and x.dim() == 4 and (x.is_contiguous() or is_channels_last(x))
+    if not (MKLDNN and x.device.type == "cpu" and x.dim() == 4 and (x.is_contiguous() or is_channels_last(x))
             and conv.padding_mode == "zeros" and not isinstance(conv.padding, str) and not torch.is_grad_enabled()
             and not torch.compiler.is_compiling()):
         return None

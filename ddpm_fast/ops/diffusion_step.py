@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import torch
 
+from ddpm_fast import checks
 from ddpm_fast.kernels.layout import acc_dtype, runnable
-from ddpm_fast.ops import _registry
-from ddpm_fast.ops.philox import (STREAM_REVERSE, STREAM_TRAIN_EPS, _check_seed, philox_normal_reference)
+from ddpm_fast.ops import registry
+from ddpm_fast.ops.philox import STREAM_REVERSE, STREAM_TRAIN_EPS, philox_normal_reference
 
 IMPLEMENTED = ("reference", "cpp", "triton")
 Q_SAMPLE_COLUMNS = 2  # sqrt(abar), sqrt(1 - abar)
@@ -23,7 +24,7 @@ _FLOATS = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
 # ---------------------------------------------------------------------------------------------------- references
-def _per_sample(values: torch.Tensor, like_x: torch.Tensor) -> torch.Tensor:
+def per_sample(values: torch.Tensor, like_x: torch.Tensor) -> torch.Tensor:
     """(B,) -> (B, 1, 1, ...) to broadcast against like_x."""
     return values.view(-1, *([1] * (like_x.dim() - 1)))
 
@@ -38,7 +39,7 @@ def q_sample_reference(x0, t, coef, noise):
     """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise, in the accumulation dtype."""
     acc = acc_dtype(x0.dtype)
     row = coef[t]
-    return _per_sample(row[:, 0], x0) * x0.to(acc) + _per_sample(row[:, 1], x0) * noise.to(acc)
+    return per_sample(row[:, 0], x0) * x0.to(acc) + per_sample(row[:, 1], x0) * noise.to(acc)
 
 
 def q_sample_philox_reference(x0, t, coef, sample_index, counter2, seed, c3):
@@ -56,12 +57,12 @@ def reverse_step_reference(x_t, eps, t, coef, sample_index, counter2, seed, c3, 
     """x0_hat = a x_t - b eps (clipped to [-1, 1] if clip); x_{t-1} = c_x0 x0_hat + c_xt x_t + sigma z, with z from
     Philox and no noise where t == 0 (or sigma == 0); nonfinite_t, if given, becomes the largest of itself and the
     t of every sample whose x_{t-1} is not all finite."""
-    a, b, coef_x0, coef_xt, sigma = (_per_sample(column, x_t) for column in coef[t].unbind(1))
+    a, b, coef_x0, coef_xt, sigma = (per_sample(column, x_t) for column in coef[t].unbind(1))
     x0_hat = a * x_t - b * eps.to(x_t.dtype)
     if clip:
         x0_hat = x0_hat.clamp(-1.0, 1.0)
     z = _reference_noise(x_t, sample_index, counter2, seed, c3).to(x_t.dtype)
-    noisy = _per_sample((t != 0) & (coef[t, 4] != 0), x_t)
+    noisy = per_sample((t != 0) & (coef[t, 4] != 0), x_t)
     x_prev = coef_x0 * x0_hat + coef_xt * x_t + torch.where(noisy, sigma, torch.zeros_like(sigma)) * z
     if nonfinite_t is not None and x_prev.numel():
         bad = ~torch.isfinite(x_prev.flatten(1)).all(1)
@@ -107,7 +108,8 @@ def _register_triton_ops():
 _triton_ops = None
 
 
-def _triton() -> dict:
+def triton_ops() -> dict:
+    """The Triton ops, registered with torch.library on first use (triton is imported only then)."""
     global _triton_ops
     if _triton_ops is None:
         _triton_ops = _register_triton_ops()
@@ -134,10 +136,10 @@ def _register_autograd(ops: dict, loss_backward_op) -> None:
     def q_sample_backward(ctx, grad):
         t, coef = ctx.saved_tensors
         row = coef[t]
-        grad_x0 = (grad * _per_sample(row[:, 0], grad)).to(ctx.dtypes[0]) if ctx.needs_input_grad[0] else None
+        grad_x0 = (grad * per_sample(row[:, 0], grad)).to(ctx.dtypes[0]) if ctx.needs_input_grad[0] else None
         grad_noise = None
         if ctx.dtypes[1] is not None and ctx.needs_input_grad[3]:
-            grad_noise = (grad * _per_sample(row[:, 1], grad)).to(ctx.dtypes[1])
+            grad_noise = (grad * per_sample(row[:, 1], grad)).to(ctx.dtypes[1])
         return grad_x0, None, None, grad_noise
 
     def q_sample_philox_backward(ctx, grad, _grad_eps):
@@ -160,7 +162,7 @@ def _register_autograd(ops: dict, loss_backward_op) -> None:
 # ---------------------------------------------------------------------------------------------------- fake impls
 def _register_cpp_extras() -> None:
     """Fake (meta) impls and autograd of the C++ ops (only when _C is loaded)."""
-    if _registry._cpp_module()[0] is None:
+    if registry.cpp_module()[0] is None:
         return
 
     def out_like(x, dtype=None):
@@ -194,15 +196,10 @@ _register_cpp_extras()
 
 
 # ---------------------------------------------------------------------------------------------------- checks
-def _describe(x) -> str:
-    return f"{x.dtype} tensor of shape {tuple(x.shape)} on {x.device}" if isinstance(x, torch.Tensor) \
-        else type(x).__name__
-
-
 def _check_data(op: str, name: str, x, dtypes=_FLOATS) -> torch.Tensor:
     if not isinstance(x, torch.Tensor) or x.dtype not in dtypes or x.dim() < 1:
         allowed = ", ".join(str(d).replace("torch.", "") for d in dtypes)
-        raise ValueError(f"{op}: {name} must be a ({allowed}) tensor of shape (B, ...), got {_describe(x)}")
+        raise ValueError(f"{op}: {name} must be a ({allowed}) tensor of shape (B, ...), got {checks.describe(x)}")
     return x
 
 
@@ -210,14 +207,14 @@ def _check_match(op: str, name: str, y, x: torch.Tensor, x_name: str) -> torch.T
     _check_data(op, name, y)
     if y.shape != x.shape or y.device != x.device:
         raise ValueError(f"{op}: {name} must have the shape and device of {x_name} ({tuple(x.shape)} on {x.device}), "
-                         f"got {_describe(y)}")
+                         f"got {checks.describe(y)}")
     return y
 
 
 def _check_vector(op: str, name: str, v, x: torch.Tensor) -> torch.Tensor:
     batch = x.shape[0]
     if not isinstance(v, torch.Tensor) or v.dtype != torch.int64 or v.shape != (batch,) or v.device != x.device:
-        raise ValueError(f"{op}: {name} must be an int64 tensor of shape ({batch},) on {x.device}, got {_describe(v)}")
+        raise ValueError(f"{op}: {name} must be an int64 tensor of shape ({batch},) on {x.device}, got {checks.describe(v)}")
     return v
 
 
@@ -225,7 +222,7 @@ def _check_table(op: str, coef, columns: int, dtype: torch.dtype, x: torch.Tenso
     if not isinstance(coef, torch.Tensor) or coef.dim() != 2 or coef.shape[1] != columns or coef.shape[0] < 1 \
             or coef.dtype != dtype or coef.device != x.device:
         raise ValueError(f"{op}: coef must be a {dtype} table of shape (T, {columns}) on {x.device}, "
-                         f"got {_describe(coef)}")
+                         f"got {checks.describe(coef)}")
     return coef
 
 
@@ -250,10 +247,10 @@ def q_sample(x0: torch.Tensor, t: torch.Tensor, coef: torch.Tensor, noise: torch
         raise ValueError(f"q_sample: noise must have x0's dtype {x0.dtype}, got {noise.dtype}")
     _check_vector("q_sample", "t", t, x0)
     _check_table("q_sample", coef, Q_SAMPLE_COLUMNS, acc_dtype(x0.dtype), x0)
-    chosen = _registry.choose("q_sample", x0.device, IMPLEMENTED, backend)
+    chosen = registry.choose("q_sample", x0.device, IMPLEMENTED, backend)
     if chosen == "reference":
         return q_sample_reference(x0, t, coef, noise)
-    return (_cpp() if chosen == "cpp" else _triton())["q_sample"](x0, t, coef, noise)
+    return (_cpp() if chosen == "cpp" else triton_ops())["q_sample"](x0, t, coef, noise)
 
 
 def q_sample_philox(x0: torch.Tensor, t: torch.Tensor, coef: torch.Tensor, sample_index: torch.Tensor,
@@ -269,11 +266,11 @@ def q_sample_philox(x0: torch.Tensor, t: torch.Tensor, coef: torch.Tensor, sampl
     _check_table("q_sample_philox", coef, Q_SAMPLE_COLUMNS, acc_dtype(x0.dtype), x0)
     _check_vector("q_sample_philox", "sample_index", sample_index, x0)
     _check_vector("q_sample_philox", "counter2", counter2, x0)
-    seed, c3 = _check_seed(seed), _c3(stream, 0)
-    chosen = _registry.choose("q_sample_philox", x0.device, IMPLEMENTED, backend)
+    seed, c3 = checks.seed(seed), _c3(stream, 0)
+    chosen = registry.choose("q_sample_philox", x0.device, IMPLEMENTED, backend)
     if chosen == "reference":
         return q_sample_philox_reference(x0, t, coef, sample_index, counter2, seed, c3)
-    return (_cpp() if chosen == "cpp" else _triton())["q_sample_philox"](x0, t, coef, sample_index, counter2, seed,
+    return (_cpp() if chosen == "cpp" else triton_ops())["q_sample_philox"](x0, t, coef, sample_index, counter2, seed,
                                                                           c3)
 
 
@@ -287,10 +284,10 @@ def simple_loss(eps_pred: torch.Tensor, eps: torch.Tensor, *, backend: str | Non
     _check_match("simple_loss", "eps", eps, eps_pred, "eps_pred")
     if eps_pred.numel() == 0 and eps_pred.shape[0] > 0:
         raise ValueError(f"simple_loss: samples must have at least one element, got shape {tuple(eps_pred.shape)}")
-    chosen = _registry.choose("simple_loss", eps_pred.device, IMPLEMENTED, backend)
+    chosen = registry.choose("simple_loss", eps_pred.device, IMPLEMENTED, backend)
     if chosen == "reference":
         return simple_loss_reference(eps_pred, eps)
-    return (_cpp() if chosen == "cpp" else _triton())["simple_loss"](eps_pred, eps)
+    return (_cpp() if chosen == "cpp" else triton_ops())["simple_loss"](eps_pred, eps)
 
 
 def reverse_step(x_t: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, coef: torch.Tensor,
@@ -319,12 +316,12 @@ def reverse_step(x_t: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, coef: to
     _check_vector(op, "counter2", counter2, x_t)
     if nonfinite_t is not None and (not isinstance(nonfinite_t, torch.Tensor) or nonfinite_t.dtype != torch.int64
                                     or nonfinite_t.dim() != 0 or nonfinite_t.device != x_t.device):
-        raise ValueError(f"{op}: nonfinite_t must be a 0-d int64 tensor on {x_t.device}, got {_describe(nonfinite_t)}")
-    seed, c3 = _check_seed(seed), _c3(stream, 0)
-    chosen = _registry.choose(op, x_t.device, IMPLEMENTED, backend)
+        raise ValueError(f"{op}: nonfinite_t must be a 0-d int64 tensor on {x_t.device}, got {checks.describe(nonfinite_t)}")
+    seed, c3 = checks.seed(seed), _c3(stream, 0)
+    chosen = registry.choose(op, x_t.device, IMPLEMENTED, backend)
     args = (x_t, eps, t, coef, sample_index, counter2, seed, c3, bool(clip), bool(write_x0), nonfinite_t)
     if chosen == "reference":
         x_prev, x0_hat = reverse_step_reference(*args)
     else:
-        x_prev, x0_hat = (_cpp() if chosen == "cpp" else _triton())["reverse_step"](*args)
+        x_prev, x0_hat = (_cpp() if chosen == "cpp" else triton_ops())["reverse_step"](*args)
     return x_prev, (x0_hat if write_x0 else None)

@@ -11,9 +11,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ddpm_fast import checks
 from ddpm_fast.kernels.layout import acc_dtype, runnable
-from ddpm_fast.ops import _registry
-from ddpm_fast.ops.philox import STREAM_DROPOUT, _check_seed, philox_uniform_reference
+from ddpm_fast.ops import registry
+from ddpm_fast.ops.philox import STREAM_DROPOUT, philox_uniform_reference
 
 IMPLEMENTED = ("reference", "cpp", "triton")
 
@@ -72,7 +73,8 @@ def _register_triton_ops():
 _triton_op = None
 
 
-def _triton():
+def triton_ops():
+    """The Triton ops, registered with torch.library on first use (triton is imported only then)."""
     global _triton_op
     if _triton_op is None:
         _triton_op = _register_triton_ops()
@@ -82,7 +84,7 @@ def _triton():
 # ---------------------------------------------------------------------------------------------------- autograd
 def _register_cpp_extras() -> None:
     """Fake impls and autograd of the C++ ops (only when _C is loaded)."""
-    if _registry._cpp_module()[0] is None:
+    if registry.cpp_module()[0] is None:
         return
 
     @torch.library.register_fake("ddpm_fast::group_norm_silu")
@@ -120,7 +122,7 @@ _register_cpp_extras()
 
 
 # ---------------------------------------------------------------------------------------------------- public
-_placeholders: dict[torch.device, torch.Tensor] = {}
+placeholders: dict[torch.device, torch.Tensor] = {}  # _no_counters' tensors; clearing it is safe
 
 
 def _no_counters(device: torch.device) -> torch.Tensor:
@@ -129,15 +131,10 @@ def _no_counters(device: torch.device) -> torch.Tensor:
     ~10 us of a U-Net's 41 norms). One element, not empty: a GPU kernel gets a real pointer."""
     if torch.compiler.is_compiling():
         return torch.zeros(1, dtype=torch.int64, device=device)
-    if device not in _placeholders:
+    if device not in placeholders:
         with torch.inference_mode(False):  # a normal tensor: autograd saves it in training calls
-            _placeholders[device] = torch.zeros(1, dtype=torch.int64, device=device)
-    return _placeholders[device]
-
-
-def _describe(x) -> str:
-    return f"{x.dtype} tensor of shape {tuple(x.shape)} on {x.device}" if isinstance(x, torch.Tensor) \
-        else type(x).__name__
+            placeholders[device] = torch.zeros(1, dtype=torch.int64, device=device)
+    return placeholders[device]
 
 
 def group_norm_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, num_groups: int, eps: float, *,
@@ -156,7 +153,7 @@ def group_norm_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, n
     """
     if not isinstance(x, torch.Tensor) or x.dtype not in (torch.float32, torch.bfloat16, torch.float16,
                                                          torch.float64) or x.dim() < 2:
-        raise ValueError(f"group_norm_silu: x must be a float tensor of shape (N, C, ...), got {_describe(x)}")
+        raise ValueError(f"group_norm_silu: x must be a float tensor of shape (N, C, ...), got {checks.describe(x)}")
     channels = x.shape[1]
     if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1 or channels % num_groups:
         raise ValueError(f"group_norm_silu: {channels} channels cannot be split into {num_groups!r} groups")
@@ -164,20 +161,20 @@ def group_norm_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, n
         if not isinstance(value, torch.Tensor) or value.shape != (channels,) or value.device != x.device \
                 or not value.is_floating_point():
             raise ValueError(f"group_norm_silu: {name} must be a float tensor of shape ({channels},) on {x.device}, "
-                             f"got {_describe(value)}")
+                             f"got {checks.describe(value)}")
     if add is not None and (not isinstance(add, torch.Tensor) or add.shape != x.shape[:2] or add.device != x.device
                             or not add.is_floating_point()):
         raise ValueError(f"group_norm_silu: add must be a float tensor of shape {tuple(x.shape[:2])} on {x.device}, "
-                         f"got {_describe(add)}")
+                         f"got {checks.describe(add)}")
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
         raise ValueError(f"group_norm_silu: dropout must be a number in [0, 1), got {dropout!r}")
     if not 0 <= layer < 2**23:
         raise ValueError(f"group_norm_silu: layer must be in [0, 2^23), got {layer}")
-    seed = _check_seed(seed)
+    seed = checks.seed(seed)
     if sample_index is not None and (not isinstance(sample_index, torch.Tensor) or sample_index.dtype != torch.int64
                                      or sample_index.shape != (x.shape[0],) or sample_index.device != x.device):
         raise ValueError(f"group_norm_silu: sample_index must be an int64 tensor of shape ({x.shape[0]},) on "
-                         f"{x.device}, got {_describe(sample_index)}")
+                         f"{x.device}, got {checks.describe(sample_index)}")
     if dropout == 0:  # no mask to draw: the kernels read no counter words
         sample_index = counter2 = _no_counters(x.device)
     else:
@@ -185,10 +182,10 @@ def group_norm_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, n
             sample_index = torch.arange(x.shape[0], device=x.device)
         counter2 = torch.full_like(sample_index, step)
     c3 = STREAM_DROPOUT | (layer << 8)
-    chosen = _registry.choose("group_norm_silu", x.device, IMPLEMENTED, backend)
+    chosen = registry.choose("group_norm_silu", x.device, IMPLEMENTED, backend)
     if chosen == "reference":
         return group_norm_silu_reference(x, weight, bias, num_groups, float(eps), add, act, float(dropout),
                                          sample_index, counter2, seed, c3)
-    op = torch.ops.ddpm_fast.group_norm_silu if chosen == "cpp" else _triton()
+    op = torch.ops.ddpm_fast.group_norm_silu if chosen == "cpp" else triton_ops()
     return op(x, weight, bias, add, num_groups, float(eps), bool(act), float(dropout), sample_index, counter2, seed,
               c3)[0]

@@ -9,7 +9,8 @@ import math
 
 import torch
 
-from ddpm_fast.ops import _registry
+from ddpm_fast import checks
+from ddpm_fast.ops import registry
 
 # Counter word c3, low 8 bits: what the draw is for (DESIGN.md). The dropout layer index goes above (layer << 8).
 STREAM_X_T = 0  # the initial x_T of sampling (counter2 = T)
@@ -116,7 +117,8 @@ def _register_triton_ops():
 _triton_ops = None
 
 
-def _triton():
+def triton_ops():
+    """The Triton ops, registered with torch.library on first use (triton is imported only then)."""
     global _triton_ops
     if _triton_ops is None:
         _triton_ops = _register_triton_ops()
@@ -126,7 +128,7 @@ def _triton():
 # ---------------------------------------------------------------------------------------------------- fake impls
 def _register_fakes() -> None:
     """Shapes for torch.compile / meta tensors of the C++ ops (only when _C is loaded)."""
-    if _registry._cpp_module()[0] is None:
+    if registry.cpp_module()[0] is None:
         return
 
     @torch.library.register_fake("ddpm_fast::philox")
@@ -142,12 +144,6 @@ _register_fakes()
 
 
 # ---------------------------------------------------------------------------------------------------- public
-def _check_seed(seed) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
-        raise ValueError(f"seed must be an int in [0, 2^63), got {seed!r}")
-    return seed
-
-
 def _check_counter_vector(name: str, value: torch.Tensor, batch: int, device: torch.device) -> None:
     if not isinstance(value, torch.Tensor) or value.dtype != torch.int64 or value.shape != (batch,):
         got = f"{value.dtype} {tuple(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
@@ -158,7 +154,7 @@ def _check_counter_vector(name: str, value: torch.Tensor, batch: int, device: to
 
 def _check_keys(seed, sample_index, counter2) -> None:
     """The keys of a per-sample draw: the seed, and (B,) int64 sample_index and counter2 on one device."""
-    _check_seed(seed)
+    checks.seed(seed)
     if not isinstance(sample_index, torch.Tensor) or sample_index.dim() != 1:
         raise ValueError(f"sample_index must be a 1-D int64 tensor, got {getattr(sample_index, 'shape', sample_index)}")
     _check_counter_vector("sample_index", sample_index, sample_index.shape[0], sample_index.device)
@@ -172,17 +168,17 @@ def philox(counter: torch.Tensor, seed: int, *, backend: str | None = None) -> t
     :param seed: int in [0, 2^63): the key (low word, high word).
     :return: (N, 4) int64 holding the uint32 output words.
     """
-    _check_seed(seed)
+    checks.seed(seed)
     if not isinstance(counter, torch.Tensor) or counter.dtype != torch.int64 or counter.dim() != 2 \
             or counter.shape[1] != 4:
         raise ValueError(f"counter must be an int64 tensor of shape (N, 4), got {getattr(counter, 'shape', counter)}")
-    chosen = _registry.choose("philox", counter.device, IMPLEMENTED, backend)
+    chosen = registry.choose("philox", counter.device, IMPLEMENTED, backend)
     if chosen == "reference":
         return philox_reference(counter, seed)
     masked = counter & _U32
     if chosen == "cpp":
-        return _registry.cpp_ops().philox(masked, seed)
-    return _triton()[0](masked, seed)
+        return registry.cpp_ops().philox(masked, seed)
+    return triton_ops()[0](masked, seed)
 
 
 def words(sample_index: torch.Tensor, counter2: torch.Tensor, *, seed: int, stream: int,
@@ -215,11 +211,11 @@ def randn(sample_index: torch.Tensor, counter2: torch.Tensor, shape: tuple[int, 
     if numel <= 0:
         raise ValueError(f"shape must have positive sizes, got {shape}")
     c3 = stream | (layer << 8)
-    chosen = _registry.choose("randn", sample_index.device, IMPLEMENTED, backend)
+    chosen = registry.choose("randn", sample_index.device, IMPLEMENTED, backend)
     if chosen == "reference":
         out = philox_normal_reference(sample_index, counter2, seed, c3, numel)
     elif chosen == "cpp":
-        out = _registry.cpp_ops().philox_normal(sample_index, counter2, seed, c3, numel)
+        out = registry.cpp_ops().philox_normal(sample_index, counter2, seed, c3, numel)
     else:
-        out = _triton()[1](sample_index, counter2, seed, c3, numel)
+        out = triton_ops()[1](sample_index, counter2, seed, c3, numel)
     return out.view(sample_index.shape[0], *shape)

@@ -35,7 +35,7 @@ class BackendStatus(NamedTuple):
 
 
 @functools.lru_cache(maxsize=None)
-def _cpp_module():
+def cpp_module():
     """(module or None, reason). The module only if its torch is the running torch (an ABI guarantee)."""
     try:
         module = importlib.import_module("ddpm_fast._C")
@@ -67,7 +67,7 @@ def _triton_status() -> BackendStatus:
 
 def cpp_ops():
     """torch.ops.ddpm_fast, after loading _C; raises BackendUnavailable with the reason if it cannot be used."""
-    module, reason = _cpp_module()
+    module, reason = cpp_module()
     if module is None:
         raise BackendUnavailable(f"backend 'cpp' is unavailable: {reason}")
     return torch.ops.ddpm_fast
@@ -75,7 +75,7 @@ def cpp_ops():
 
 def backends() -> dict[str, BackendStatus]:
     """Every backend -> (available, reason): what runs here and, if not, why not."""
-    module, cpp_reason = _cpp_module()
+    module, cpp_reason = cpp_module()
     return {
         "reference": BackendStatus(True, "eager PyTorch, any device"),
         "cpp": BackendStatus(module is not None, cpp_reason),
@@ -83,12 +83,12 @@ def backends() -> dict[str, BackendStatus]:
     }
 
 
-def _status_on(backend: str, device: torch.device) -> BackendStatus:
+def status_on(backend: str, device: torch.device) -> BackendStatus:
     """Can `backend` run on tensors of `device`?"""
     if backend == "reference":
         return BackendStatus(True, "")
     if backend == "cpp":
-        module, reason = _cpp_module()
+        module, reason = cpp_module()
         if module is None:
             return BackendStatus(False, reason)
         if device.type == "cuda" and not module.with_cuda:
@@ -144,13 +144,13 @@ def choose(op: str, device: torch.device, implemented: Sequence[str], backend: s
         if requested not in implemented:
             raise BackendUnavailable(f"{op} has no {requested!r} implementation (asked for by {where}); "
                                      f"it has: {', '.join(implemented)}")
-        status = _status_on(requested, device)
+        status = status_on(requested, device)
         if not status.available:
             raise BackendUnavailable(f"{op}: backend {requested!r} (asked for by {where}) cannot run on "
                                      f"{device.type}: {status.reason}")
         return requested
     for candidate in (order or DEFAULT_ORDER).get(device.type, ("reference",)):
-        if candidate in implemented and _status_on(candidate, device).available:
+        if candidate in implemented and status_on(candidate, device).available:
             return candidate
     return "reference"
 
