@@ -117,7 +117,7 @@ else:
 
 setup(
     # kernels/ ships inside the package: a top-level `kernels` would clash with the PyPI package of that name.
-    packages=["ddpm_fast", "ddpm_fast.ops", "ddpm_fast.kernels"],
+    packages=["ddpm_fast", "ddpm_fast.evaluation", "ddpm_fast.ops", "ddpm_fast.kernels"],
     package_dir={"ddpm_fast": "ddpm_fast", "ddpm_fast.kernels": "kernels"},
     # the bundled default: the digits data and the model trained on it (ddpm_fast/bundled.py)
     package_data={"ddpm_fast": ["pretrained/*.npz", "pretrained/*/*.json", "pretrained/*/*.safetensors"]},

@@ -298,8 +298,8 @@ class UNet(nn.Module):
         A key the original does not have, a missing or unexpected tensor, or a shape that differs is refused with
         the names; nothing is loaded before every tensor is checked (the model is new: no half-loaded one exists).
         """
-        from ddpm_fast import checkpoint  # here: checkpoint.py builds on this module
-        return checkpoint.from_original(cls, state_dict_or_path, config, diffusion)
+        from ddpm_fast import conversions  # here: conversions.py builds on this module
+        return conversions.from_original(cls, state_dict_or_path, config, diffusion)
 
     @classmethod
     def from_diffusers(cls, path_or_model, *, scheduler=None, diffusion=None) -> "UNet":
@@ -318,8 +318,8 @@ class UNet(nn.Module):
         downsampling padding, class conditioning, ...), a missing or unexpected tensor, or a shape that differs is
         refused with the config key or the checkpoint's tensor name; nothing is loaded before all are checked.
         """
-        from ddpm_fast import checkpoint
-        return checkpoint.from_diffusers(cls, path_or_model, scheduler, diffusion)
+        from ddpm_fast import conversions
+        return conversions.from_diffusers(cls, path_or_model, scheduler, diffusion)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, *, dropout_keys: tuple | None = None) -> torch.Tensor:
         """:param x: (B, in_channels, H, W), H and W divisible by 2^(levels-1). :param t: (B,) code timesteps.

@@ -9,7 +9,7 @@ import torch
 
 import ddpm_fast
 from ddpm_fast import Diffusion, UNet
-from ddpm_fast.checkpoint import unet_kwargs_from_diffusers
+from ddpm_fast.conversions import unet_kwargs_from_diffusers
 from ddpm_fast.ops import use_backend
 from helpers import relative_error
 
