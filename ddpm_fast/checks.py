@@ -28,6 +28,13 @@ def positive_int(name: str, value) -> int:
     return value
 
 
+def non_negative_int(name: str, value) -> int:
+    """An int >= 0 (not a bool)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+    return value
+
+
 def optional_positive_int(name: str, value) -> int | None:
     """None or positive_int's."""
     return None if value is None else positive_int(name, value)

@@ -214,7 +214,7 @@ def _info(args) -> None:
 
     import ddpm_fast
     from ddpm_fast import bundled
-    from ddpm_fast.sampling import default_network_dtype
+    from ddpm_fast.precision import default_network_dtype
 
     print(f"ddpm_fast {ddpm_fast.__version__}, python {platform.python_version()}, torch {torch.__version__}, "
           f"CUDA {'available: ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'not available'}")
@@ -260,26 +260,24 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="ddpm-fast", description="DDPM (Ho et al. 2020) with fused kernels.")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+def _command(commands, name: str, run, help_text: str, model: bool = True, data: bool = False):
+    """A subcommand running `run`, with the options every command has (--model / --device, --data where asked)."""
+    p = commands.add_parser(name, help=help_text, description=help_text)
+    if model:
+        p.add_argument("--model", default="digits", help=MODEL_HELP)
+        p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if there is a "
+                                                      "GPU, else cpu)")
+    if data:
+        p.add_argument("--data", default="digits", help=DATA_HELP + " (default: digits)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--threads", type=_positive, default=None,
+                   help="CPU threads for torch and our kernels (default: torch's, one per core); on a machine "
+                        "another busy process shares, fewer (1 on 2 cores) avoids threads waiting on each other")
+    p.set_defaults(handler=run)
+    return p
 
-    def command(name, run, help_text, model=True, data=False):
-        p = commands.add_parser(name, help=help_text, description=help_text)
-        if model:
-            p.add_argument("--model", default="digits", help=MODEL_HELP)
-            p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if there is a "
-                                                          "GPU, else cpu)")
-        if data:
-            p.add_argument("--data", default="digits", help=DATA_HELP + " (default: digits)")
-        p.add_argument("--quiet", action="store_true", help="no progress bar")
-        p.add_argument("--threads", type=_positive, default=None,
-                       help="CPU threads for torch and our kernels (default: torch's, one per core); on a machine "
-                            "another busy process shares, fewer (1 on 2 cores) avoids threads waiting on each other")
-        p.set_defaults(handler=run)
-        return p
 
-    p = command("sample", _sample, "draw samples: a PNG grid, or a folder of images (--out) streamed to disk")
+def _sample_options(p) -> None:
     p.add_argument("-n", type=_positive, default=64, help="number of images (default 64)")
     p.add_argument("-o", "--output", default="samples.png", help="the PNG grid to write (default samples.png)")
     p.add_argument("--out", default=None, help="instead of a grid, stream the images into this folder (resumable)")
@@ -294,7 +292,8 @@ def _parser() -> argparse.ArgumentParser:
     _network_dtype_option(p)
     _scale_option(p)
 
-    p = command("train", _train, "train a model (default: the bundled recipe on the bundled digits)", model=False)
+
+def _train_options(p) -> None:
     p.add_argument("--data", default="digits", help="training images: digits (the bundled digits' train split, "
                    "with the bundled recipe), or a folder / CIFAR-10 batches / .npz (the paper's recipe)")
     p.add_argument("--out", required=True, help="the run's folder (checkpoints, log.csv); an existing run resumes")
@@ -308,30 +307,31 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--objective", default=None, choices=["simple", "vlb"], help="(default simple, L_simple)")
     p.add_argument("--no-flip", action="store_true", help="no random horizontal flips (the digits have none)")
 
-    p = command("nll", _nll, "the variational bound in bits/dim over a dataset, all T terms", data=True)
+
+def _nll_options(p) -> None:
     p.add_argument("--limit", type=_positive, default=None, help="the first N images only")
     p.add_argument("--batch-size", type=_positive, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--network-dtype", default="float32", choices=["float32", "bfloat16"],
                    help="the network's precision (default float32: the bound in full precision)")
 
-    p = command("rate-distortion", _rate_distortion, "progressive coding: rate and distortion per t (CSV + PNG)",
-                data=True)
+
+def _rate_distortion_options(p) -> None:
     p.add_argument("-o", "--out", default="rate_distortion", help="the folder to write (default rate_distortion)")
     p.add_argument("--limit", type=_positive, default=100, help="the first N images (default 100)")
     p.add_argument("--batch-size", type=_positive, default=64)
     p.add_argument("--seed", type=int, default=0)
 
-    p = command("interpolate", _interpolate, "interpolate pairs of images in the latent space of x_t (PNG grid)",
-                data=True)
+
+def _interpolate_options(p) -> None:
     p.add_argument("-o", "--output", default="interpolation.png")
     p.add_argument("--pairs", type=_positive, default=4, help="pairs: the data's first N images with the next N")
     p.add_argument("--t", type=int, default=500, help="the latent's timestep, code index (default 500)")
     p.add_argument("--lambdas", type=_positive, default=9, help="mixes from 0 to 1 (default 9)")
     p.add_argument("--seed", type=int, default=0)
 
-    p = command("quality", _quality, "sample quality of a digits model: a classifier trained on the bundled "
-                "digits rates its samples against the held-out digits (no download)", data=True)
+
+def _quality_options(p) -> None:
     p.add_argument("-n", type=_positive, default=256, help="samples (default 256)")
     p.add_argument("--sampler", default="ddpm", choices=["ddpm", "ddim"])
     p.add_argument("--steps", type=_positive, default=None, help="respaced steps (default: all T)")
@@ -339,7 +339,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     _network_dtype_option(p)
 
-    p = command("progressive", _progressive, "progressive generation: x0_hat (or x_t) as t falls (PNG grid)")
+
+def _progressive_options(p) -> None:
     p.add_argument("-n", type=_positive, default=8, help="images (rows; default 8)")
     p.add_argument("-o", "--output", default="progressive.png")
     p.add_argument("--every", type=_positive, default=100, help="record every N-th step (default 100)")
@@ -347,19 +348,46 @@ def _parser() -> argparse.ArgumentParser:
     _scale_option(p)
     p.add_argument("--seed", type=int, default=0)
 
-    p = command("bench", _bench, "time the sampler per step on every available backend")
+
+def _bench_options(p) -> None:
     p.add_argument("-n", type=_positive, default=64, help="batch (default 64)")
     p.add_argument("--steps", type=_positive, default=20, help="respaced steps per run (default 20)")
     p.add_argument("--rounds", type=_positive, default=5)
     p.add_argument("--backends", default=None, help="comma-separated, e.g. reference,cpp (default: every one that "
                    "runs here)")
 
-    p = command("export", _export, "a training run's EMA weights as a model folder of their own (what the bundled "
-                "model is: ddpm-fast export runs/digits ddpm_fast/pretrained/digits)", model=False)
+
+def _export_options(p) -> None:
     p.add_argument("run", help="a training run's folder or one of its checkpoints")
     p.add_argument("destination", help="the folder to write (replaced if it exists)")
 
-    command("info", _info, "versions, devices, backends (and why one is missing), the bundled model", model=False)
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="ddpm-fast", description="DDPM (Ho et al. 2020) with fused kernels.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _sample_options(_command(
+        commands, "sample", _sample, "draw samples: a PNG grid, or a folder of images (--out) streamed to disk"))
+    _train_options(_command(
+        commands, "train", _train, "train a model (default: the bundled recipe on the bundled digits)", model=False))
+    _nll_options(_command(
+        commands, "nll", _nll, "the variational bound in bits/dim over a dataset, all T terms", data=True))
+    _rate_distortion_options(_command(
+        commands, "rate-distortion", _rate_distortion, "progressive coding: rate and distortion per t (CSV + PNG)",
+        data=True))
+    _interpolate_options(_command(
+        commands, "interpolate", _interpolate, "interpolate pairs of images in the latent space of x_t (PNG grid)",
+        data=True))
+    _quality_options(_command(
+        commands, "quality", _quality, "sample quality of a digits model: a classifier trained on the bundled digits "
+        "rates its samples against the held-out digits (no download)", data=True))
+    _progressive_options(_command(
+        commands, "progressive", _progressive, "progressive generation: x0_hat (or x_t) as t falls (PNG grid)"))
+    _bench_options(_command(commands, "bench", _bench, "time the sampler per step on every available backend"))
+    _export_options(_command(
+        commands, "export", _export, "a training run's EMA weights as a model folder of their own (what the bundled "
+        "model is: ddpm-fast export runs/digits ddpm_fast/pretrained/digits)", model=False))
+    _command(commands, "info", _info, "versions, devices, backends (and why one is missing), the bundled model",
+             model=False)
     return parser
 
 

@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ddpm_fast import checks
+
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
     """(N, C, H, W) floats in [-1, 1] -> uint8 in [0, 255] (rounded; values outside [-1, 1] are clipped)."""
@@ -26,8 +28,7 @@ def grid_scale(width: int, scale: int | None = None) -> int:
     each image at least MIN_WIDTH pixels wide (1 for images that already are)."""
     if scale is None:
         return max(1, math.ceil(MIN_WIDTH / width))
-    if isinstance(scale, bool) or not isinstance(scale, int) or scale < 1:
-        raise ValueError(f"scale must be a positive int, got {scale!r}")
+    checks.positive_int("scale", scale)
     return scale
 
 

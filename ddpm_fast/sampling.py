@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ddpm_fast import checks, memory
+from ddpm_fast import checks, memory, precision
 from ddpm_fast import sample_store as _sample_store
 from ddpm_fast.diffusion import Diffusion
 from ddpm_fast.images import save_grid, to_uint8
@@ -32,7 +32,6 @@ DEFAULT_MAX_BATCH = 256  # larger batches gain little throughput and delay the f
 # limit there; a CPU's RAM rarely is, and the probe's calls would show in a plain callable's side effects.
 PROBED_DEVICES = ("cuda",)
 MEMORY_HEADROOM = 0.8  # of the free memory: the allocator's rounding and fragmentation, and other users
-NETWORK_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Steps queued on a GPU ahead of the one the host waits for: enough to keep it busy, few enough that the progress
 # bar shows finished steps (without a wait the host would queue the whole run at once).
 STEPS_IN_FLIGHT = 8
@@ -53,8 +52,7 @@ class SampleResult(NamedTuple):
         as images.save_grid's."""
         if which not in ("x0_hat", "x_t"):
             raise ValueError(f"which must be 'x0_hat' or 'x_t', got {which!r}")
-        if isinstance(max_images, bool) or not isinstance(max_images, int) or max_images < 1:
-            raise ValueError(f"max_images must be a positive int, got {max_images!r}")
+        checks.positive_int("max_images", max_images)
         steps = getattr(self, which)[:, :max_images].clamp(-1, 1)  # (K, m, C, H, W)
         final = self.images[:max_images].unsqueeze(0)
         rows = torch.cat([steps, final]).transpose(0, 1)  # (m, K + 1, C, H, W): image after image
@@ -172,46 +170,6 @@ def _batch_size(model, shape, device, n: int, asked: int | None, held_images: in
     return min(want, fits)
 
 
-def cpu_has_fast_bf16() -> bool:
-    """Does this CPU multiply bf16 natively (AVX512-BF16 or AMX) for oneDNN, whose bf16 convolutions and GEMMs are
-    then 2-4x its float32 ones at the U-Net's shapes (bench/RESULTS.md)? Elsewhere bf16 is emulated and slower."""
-    cpu = torch.cpu
-    fast = any(getattr(cpu, probe, lambda: False)() for probe in ("_is_avx512_bf16_supported",
-                                                                    "_is_amx_tile_supported"))
-    return fast and torch.backends.mkldnn.is_available()
-
-
-def default_network_dtype(device) -> tuple[torch.dtype, str]:
-    """network_dtype=None's choice on `device`, and why: bf16 on a GPU and on a CPU with native bf16 (the quality
-    check in the README: held-out NLL and sample quality unchanged on the bundled model), float32 on other CPUs."""
-    if torch.device(device).type == "cuda":
-        return torch.bfloat16, "a GPU: bf16 tensor cores"
-    if cpu_has_fast_bf16():
-        return torch.bfloat16, "this CPU has AVX512-BF16 or AMX (oneDNN's bf16 kernels, 2-4x float32)"
-    return torch.float32, "this CPU has neither AVX512-BF16 nor AMX (bf16 would be emulated, slower)"
-
-
-def _network_dtype(asked, device: torch.device) -> torch.dtype:
-    """network_dtype=None: default_network_dtype's."""
-    if asked is None:
-        return default_network_dtype(device)[0]
-    if asked not in NETWORK_DTYPES:
-        raise ValueError(f"network_dtype must be one of {', '.join(map(str, NETWORK_DTYPES))} or None, got {asked!r}")
-    return asked
-
-
-class Autocast:
-    """model(x, t) under autocast to `dtype` (its own weight-cast cache off: a CUDA graph must capture the casts);
-    what network_dtype runs (sample, and nll in evaluation.py)."""
-
-    def __init__(self, model, device_type: str, dtype: torch.dtype):
-        self.model, self.device_type, self.dtype = model, device_type, dtype
-
-    def __call__(self, x, t):
-        with torch.autocast(self.device_type, dtype=self.dtype, cache_enabled=False):
-            return self.model(x, t)
-
-
 class _Batch(NamedTuple):
     """What the steps of one batch need: x_T, the global sample indices, the batch's NaN flag (a view into the run's:
     the first step, of the (respaced) process, whose output was not finite, -1: none; _check_finite maps it to the
@@ -228,13 +186,14 @@ class _Engine:
     Python (CPU, or cuda_graph=False) or as a CUDA graph replayed once per step (one graph per batch size)."""
 
     def __init__(self, diffusion: Diffusion, network: Callable, table, clip_denoised: bool, seed: int,
-                 slot: dict[int, int], device: torch.device, cuda_graph: bool):
+                 recorded_at: dict[int, int], device: torch.device, cuda_graph: bool):
         self.diffusion, self.network, self.table = diffusion, network, table
-        self.clip_denoised, self.seed, self.slot, self.device = clip_denoised, seed, slot, device
+        self.clip_denoised, self.seed, self.device = clip_denoised, seed, device
+        self.recorded_at = recorded_at  # loop position -> index in the recorded tensors
         self.steps_count = diffusion.num_timesteps
         self.graphed = cuda_graph and device.type == "cuda"
         self.graphs: dict[int, _GraphedStep] = {}
-        self.write_x0 = bool(slot)
+        self.write_x0 = bool(recorded_at)
 
     def step(self, x: torch.Tensor, i: torch.Tensor, index: torch.Tensor, bad: torch.Tensor):
         """x_{t-1} and x0_hat (or None) for x at code step i (a 0-d int64 tensor on the device); the reverse step
@@ -262,7 +221,7 @@ class _Engine:
         recorded steps copied out around it, the progress bar moved, the host held STEPS_IN_FLIGHT behind."""
         waits = _InFlight(self.device)
         for j in range(self.steps_count):
-            k = self.slot.get(j)
+            k = self.recorded_at.get(j)
             if k is not None:
                 batch.x_ts[k].copy_(x)
             x, x0_hat = advance(j, x)
@@ -378,17 +337,56 @@ def sample(model, n: int, *, diffusion: Diffusion | None = None, sampler: str = 
     :param cuda_graph: on a GPU, capture one step (network + reverse update) in a CUDA graph and replay it (ignored
         on the CPU). The model must be capturable: no host syncs, the same work every call.
     :param network_dtype: the network's precision: None = bf16 autocast on a GPU and on a CPU with native bf16
-        (AVX512-BF16 or AMX), float32 on other CPUs (default_network_dtype; `ddpm-fast info` says which);
+        (AVX512-BF16 or AMX), float32 on other CPUs (precision.default_network_dtype; `ddpm-fast info` says which);
         torch.float32 (full precision), torch.bfloat16 or torch.float16 to choose (autocast; the state and the
         update stay float32).
     :return: float32 (n, C, H, W) in [-1, 1] on `device`, a SampleResult, or (with out=) the folder's Path.
     """
-    n = checks.positive_int("n", n)
+    _check_arguments(model, n, sampler, eta, seed, batch_size, return_intermediates, out, out_format, progress,
+                     cuda_graph)
+    shape = _resolve_shape(model, shape)
+    diffusion = resolve_diffusion(model, diffusion, variance, steps)
+    clip_denoised = diffusion.resolve_clip(clip_denoised)
+    device = _resolve_device(model, device)
+    dtype = precision.network_dtype(network_dtype, device)
+    network = precision.autocast(model, device.type, dtype)
+    table = diffusion.step_table(device, torch.float32, sampler, eta)  # the step's rows (checks eta)
+    recorded = _recorded_steps(diffusion.num_timesteps, return_intermediates) if return_intermediates else []
+    if out is not None and batch_size is None:
+        batch_size = _sample_store.recorded_batch_size(out)  # a resumed run keeps its aligned batches
+    # on a GPU, the device's own current stream: the CUDA graph is captured and replayed there, and the streams,
+    # events and Triton launches of the run (which follow the current device) are the model's (cuda:1 too)
+    on_device = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+    with on_device, eval_mode(model):
+        # (in eval mode: the memory probe's model calls must not draw dropout; before the run's buffers exist)
+        held_images = 0 if out is not None else n * (1 + 2 * len(recorded))  # the output and the recorded steps
+        batch_size = _batch_size(network, shape, device, n, batch_size, held_images)
+        run = _Run(n, tuple(shape), batch_size, seed, device, _memory_format(model),
+                   t_start=int(diffusion.timestep_map[-1]) + 1, steps_count=diffusion.num_timesteps,
+                   recorded=len(recorded), progress=progress)
+        engine = _Engine(diffusion, network, table, clip_denoised, seed, {j: k for k, j in enumerate(recorded)},
+                         device, cuda_graph)
+        if out is None:
+            images, x_ts, x0_hats = _sample_in_memory(run, engine)
+        else:
+            store = _sample_store.SampleStore(out, dict(
+                n=n, batch_size=batch_size, seed=seed, shape=list(shape), sampler=sampler, eta=eta,
+                network_dtype=str(dtype).removeprefix("torch."), model=_sample_store.model_hash(model),
+                diffusion=_sample_store.diffusion_hash(diffusion, clip_denoised)), out_format)
+            return _sample_to_folder(run, engine, store)
+    if not return_intermediates:
+        return images
+    paper_t = tuple(int(diffusion.timestep_map[run.steps_count - 1 - j]) + 1 for j in recorded)
+    return SampleResult(images, paper_t, x_ts, x0_hats)
+
+
+def _check_arguments(model, n, sampler, eta, seed, batch_size, return_intermediates, out, out_format, progress,
+                     cuda_graph) -> None:
+    """sample()'s arguments that need nothing resolved first, each with its one sentence."""
+    checks.positive_int("n", n)
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
-    if isinstance(return_intermediates, bool) or not isinstance(return_intermediates, int) \
-            or return_intermediates < 0:
-        raise ValueError(f"return_intermediates must be an int >= 0 (0: none), got {return_intermediates!r}")
+    checks.non_negative_int("return_intermediates", return_intermediates)
     if out is not None and return_intermediates:
         raise ValueError("return_intermediates keeps every recorded step of every image in memory; it cannot be "
                          "combined with out= (streaming to disk)")
@@ -402,83 +400,98 @@ def sample(model, n: int, *, diffusion: Diffusion | None = None, sampler: str = 
     checks.seed(seed)
     if batch_size is not None:
         checks.positive_int("batch_size", batch_size)
-    shape = _resolve_shape(model, shape)
-    diffusion = resolve_diffusion(model, diffusion, variance, steps)
-    clip_denoised = diffusion.resolve_clip(clip_denoised)
 
+
+def _resolve_device(model, device) -> torch.device:
+    """device= (checked), else the model's, else the CPU; "cuda" pinned to the current GPU; it must be the model's."""
     weights_on = model_device(model)
     device = checks.device(device) if device is not None else (weights_on or torch.device("cpu"))
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     if weights_on is not None and weights_on != device:
         raise ValueError(f"the model is on {weights_on} but device={device}; move one of them")
+    return device
 
-    dtype = _network_dtype(network_dtype, device)
-    layout = _memory_format(model)
-    network = model if dtype == torch.float32 else Autocast(model, device.type, dtype)
-    table = diffusion.step_table(device, torch.float32, sampler, eta)  # the step's rows (checks eta)
-    steps_count = diffusion.num_timesteps
-    recorded = _recorded_steps(steps_count, return_intermediates) if return_intermediates else []
-    t_start = int(diffusion.timestep_map[-1]) + 1  # the counter of x_T: the original T
-    if out is not None and batch_size is None:
-        batch_size = _sample_store.recorded_batch_size(out)  # a resumed run keeps its aligned batches
-    # on a GPU, the device's own current stream: the CUDA graph is captured and replayed there, and the streams,
-    # events and Triton launches of the run (which follow the current device) are the model's (cuda:1 too)
-    on_device = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-    with on_device, eval_mode(model):
-        # (in eval mode: the memory probe's model calls must not draw dropout; before the run's buffers exist)
-        held = 0 if out is not None else n * (1 + 2 * len(recorded))  # the output and the recorded steps
-        batch_size = _batch_size(network, shape, device, n, batch_size, held)
-        store = None
-        if out is not None:
-            store = _sample_store.SampleStore(out, dict(
-                n=n, batch_size=batch_size, seed=seed, shape=list(shape), sampler=sampler, eta=eta,
-                network_dtype=str(dtype).removeprefix("torch."), model=_sample_store.model_hash(model),
-                diffusion=_sample_store.diffusion_hash(diffusion, clip_denoised)), out_format)
-            store.open()
-        slot = {j: k for k, j in enumerate(recorded)}  # loop position -> index in the recorded tensors
-        x_ts = torch.empty(len(recorded), n, *shape, dtype=torch.float32, device=device)
-        x0_hats = torch.empty_like(x_ts)
-        batches = -(-n // batch_size)
-        if store is None:
-            images = torch.empty(n, *shape, dtype=torch.float32, device=device)
-            todo = [(b, None) for b in range(batches)]
-        else:  # this rank's batches (whole, aligned), less the files already written
-            rank, world = _sample_store.shard()
-            todo = [(b, store.missing(b)) for b in range(rank, batches, world)]
-            todo = [(b, missing) for b, missing in todo if missing]
-        # per batch, the first step whose output went non-finite (-1: none), kept on the device: read once at the end
-        # (streaming: before the batch is written)
-        first_bad = torch.full((batches,), -1, dtype=torch.int64, device=device)
-        engine = _Engine(diffusion, network, table, clip_denoised, seed, slot, device, cuda_graph)
-        with tqdm(total=len(todo) * steps_count, desc="sampling", unit="step",
-                  disable=not progress) as bar, torch.inference_mode(), contextlib.ExitStack() as cleanup:
-            if store is not None:
-                cleanup.callback(store.close)  # an error or Ctrl-C still finishes the batch being written
-                mine = sum(min(batch_size, n - b * batch_size) for b in range(rank, batches, world))
-                written = cleanup.enter_context(tqdm(
-                    total=mine, initial=mine - sum(len(missing) for _, missing in todo), desc="images", unit="img",
-                    position=1, disable=not progress))
-            for b, missing in todo:
-                start, stop = b * batch_size, min((b + 1) * batch_size, n)
-                index = torch.arange(start, stop, device=device)
-                x = philox.randn(index, torch.full_like(index, t_start), shape, seed=seed, stream=philox.STREAM_X_T)
-                if x.dim() == 4:
-                    x = x.contiguous(memory_format=layout)
-                x = engine.run(_Batch(x, index, first_bad[b], x_ts[:, start:stop], x0_hats[:, start:stop]), bar)
-                if store is None:
-                    images[start:stop] = x.clamp(-1.0, 1.0)
-                else:
-                    _check_finite(first_bad[b:b + 1], diffusion.timestep_map, b, batch_size, n)
-                    store.write(b, to_uint8(x), missing)
-                    written.update(len(missing))
-    if store is not None:  # (each batch was checked before it was written)
-        return store.path
-    _check_finite(first_bad, diffusion.timestep_map, 0, batch_size, n)  # the one sync of an in-memory run
-    if not return_intermediates:
-        return images
-    paper_t = tuple(int(diffusion.timestep_map[steps_count - 1 - j]) + 1 for j in recorded)
-    return SampleResult(images, paper_t, x_ts, x0_hats)
+
+class _Run(NamedTuple):
+    """What every batch of one sample() call shares."""
+    n: int
+    shape: tuple
+    batch_size: int
+    seed: int
+    device: torch.device
+    layout: torch.memory_format  # the state's (the model's convolutions')
+    t_start: int  # the noise counter of x_T: the original T
+    steps_count: int
+    recorded: int  # how many steps are recorded
+    progress: bool
+
+    @property
+    def batches(self) -> int:
+        return -(-self.n // self.batch_size)
+
+    def bounds(self, b: int) -> tuple[int, int]:
+        return b * self.batch_size, min((b + 1) * self.batch_size, self.n)
+
+    def new_recording(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (K, n, C, H, W) x_t and x0_hat records (K = 0 without return_intermediates)."""
+        x_ts = torch.empty(self.recorded, self.n, *self.shape, dtype=torch.float32, device=self.device)
+        return x_ts, torch.empty_like(x_ts)
+
+    def first_bad(self) -> torch.Tensor:
+        """Per batch, the first step whose output went non-finite (-1: none), kept on the device and read once at
+        the end (streaming: before the batch is written)."""
+        return torch.full((self.batches,), -1, dtype=torch.int64, device=self.device)
+
+    def reverse(self, engine: _Engine, b: int, first_bad: torch.Tensor, x_ts: torch.Tensor,
+                x0_hats: torch.Tensor, bar) -> torch.Tensor:
+        """Batch b from its x_T (Philox stream 0 keyed by each image's global index) through every step: x_0."""
+        start, stop = self.bounds(b)
+        index = torch.arange(start, stop, device=self.device)
+        x = philox.randn(index, torch.full_like(index, self.t_start), self.shape, seed=self.seed,
+                         stream=philox.STREAM_X_T)
+        if x.dim() == 4:
+            x = x.contiguous(memory_format=self.layout)
+        return engine.run(_Batch(x, index, first_bad[b], x_ts[:, start:stop], x0_hats[:, start:stop]), bar)
+
+
+def _sample_in_memory(run: _Run, engine: _Engine) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every batch into one (n, C, H, W) tensor, clamped to [-1, 1], and the recorded steps; one host sync at the end
+    (the NaN check)."""
+    images = torch.empty(run.n, *run.shape, dtype=torch.float32, device=run.device)
+    x_ts, x0_hats = run.new_recording()
+    first_bad = run.first_bad()
+    with tqdm(total=run.batches * run.steps_count, desc="sampling", unit="step", disable=not run.progress) as bar, \
+            torch.inference_mode():
+        for b in range(run.batches):
+            start, stop = run.bounds(b)
+            images[start:stop] = run.reverse(engine, b, first_bad, x_ts, x0_hats, bar).clamp(-1.0, 1.0)
+    _check_finite(first_bad, engine.diffusion.timestep_map, 0, run.batch_size, run.n)
+    return images, x_ts, x0_hats
+
+
+def _sample_to_folder(run: _Run, engine: _Engine, store) -> Path:
+    """This rank's batches (whole, aligned: rank r of W takes r, r + W, ...), less the files already written, each
+    checked for NaN and written as it finishes; the folder's path."""
+    store.open()
+    rank, world = _sample_store.shard()
+    assigned = list(range(rank, run.batches, world))
+    pending = [(b, missing) for b, missing in ((b, store.missing(b)) for b in assigned) if missing]
+    x_ts, x0_hats = run.new_recording()  # (nothing recorded: out= refuses return_intermediates)
+    first_bad = run.first_bad()
+    with tqdm(total=len(pending) * run.steps_count, desc="sampling", unit="step", disable=not run.progress) as bar, \
+            torch.inference_mode(), contextlib.ExitStack() as cleanup:
+        cleanup.callback(store.close)  # an error or Ctrl-C still finishes the batch being written
+        images_here = sum(len(range(*run.bounds(b))) for b in assigned)
+        written = cleanup.enter_context(tqdm(
+            total=images_here, initial=images_here - sum(len(missing) for _, missing in pending), desc="images",
+            unit="img", position=1, disable=not run.progress))
+        for b, missing in pending:
+            x = run.reverse(engine, b, first_bad, x_ts, x0_hats, bar)
+            _check_finite(first_bad[b:b + 1], engine.diffusion.timestep_map, b, run.batch_size, run.n)
+            store.write(b, to_uint8(x), missing)
+            written.update(len(missing))
+    return store.path
 
 
 def _check_finite(first_bad: torch.Tensor, timestep_map: torch.Tensor, first_batch: int, batch_size: int,

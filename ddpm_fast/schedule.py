@@ -5,6 +5,8 @@ import math
 
 import torch
 
+from ddpm_fast import checks
+
 SCHEDULES = ("linear", "cosine")
 VARIANCES = ("fixed_large", "fixed_small")
 
@@ -15,8 +17,7 @@ def beta_schedule(name: str, timesteps: int) -> torch.Tensor:
     linear: the paper's 1e-4 .. 0.02 (as the original code: not rescaled for T != 1000).
     cosine: Nichol & Dhariwal 2021, abar(t) = cos((t/T + s)/(1 + s) * pi/2)^2 with s = 0.008, betas capped at 0.999.
     """
-    if isinstance(timesteps, bool) or not isinstance(timesteps, int) or timesteps < 1:
-        raise ValueError(f"timesteps must be a positive int, got {timesteps!r}")
+    checks.positive_int("timesteps", timesteps)
     if name == "linear":
         return torch.linspace(1e-4, 0.02, timesteps, dtype=torch.float64)
     if name == "cosine":

@@ -28,7 +28,7 @@ import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
-from ddpm_fast import checkpoint, checks
+from ddpm_fast import checkpoint, checks, precision
 from ddpm_fast.data import load_images, to_model_range
 from ddpm_fast.diffusion import OBJECTIVES, Diffusion
 from ddpm_fast.ops import philox
@@ -80,8 +80,7 @@ class TrainConfig:
 
         for name in ("steps", "batch_size", "grad_accum", "checkpoint_every", "keep", "log_every"):
             collect(checks.positive_int, name, getattr(self, name))
-        if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or self.warmup < 0:
-            problems.append(f"warmup must be an int >= 0, got {self.warmup!r}")
+        collect(checks.non_negative_int, "warmup", self.warmup)
         collect(checks.number, "lr", self.lr, low=0, low_open=True)
         collect(checks.number, "grad_clip", self.grad_clip, low=0)
         collect(checks.number, "ema_decay", self.ema_decay, low=0, high=1, high_open=True)
@@ -264,11 +263,12 @@ class Trainer:
         return model.to(self.device).eval()
 
     # ------------------------------------------------------------------------------------------------ one step
-    def _autocast(self):
-        precision = self.config.precision
-        if precision == "auto":
-            precision = "bfloat16" if self.device.type == "cuda" else "float32"
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=precision == "bfloat16")
+    def _network_dtype(self) -> torch.dtype:
+        """The precision setting as a dtype ("auto": bf16 on a GPU, float32 on the CPU)."""
+        asked = self.config.precision
+        if asked == "auto":
+            asked = "bfloat16" if self.device.type == "cuda" else "float32"
+        return torch.bfloat16 if asked == "bfloat16" else torch.float32
 
     def _micro_batches(self, first_step: int):
         """(step, micro, sample indices j in the global batch) -> dataset indices, for this process, from
@@ -294,10 +294,10 @@ class Trainer:
             x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
         t = philox.words(j, steps, seed=cfg.seed, stream=philox.STREAM_TRAIN_T)[:, 0] % self.diffusion.num_timesteps
         keys = (cfg.seed, j, step)
+        run = precision.autocast(network, device.type, self._network_dtype())
 
         def eps_model(x, timesteps):
-            with self._autocast():
-                return network(x, timesteps, dropout_keys=keys)
+            return run(x, timesteps, dropout_keys=keys)
 
         return self.diffusion.training_loss(eps_model, x0, t, reduction="none", seed=cfg.seed, step=step,
                                             sample_index=j, objective=cfg.objective)

@@ -174,6 +174,84 @@ class Upsample(nn.Module):
         return x if self.conv is None else self.conv(x)
 
 
+def _check_config(in_channels, out_channels, image_size, ch, ch_mult, num_res_blocks, attn_resolutions, dropout,
+                  num_groups, eps, resamp_with_conv) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """UNet's arguments, types first (num_groups=0 or image_size="32" would fail deep inside), then whether the
+    network can be built; every problem of the second kind in one sentence. ch_mult and attn_resolutions as tuples."""
+    sizes = dict(in_channels=in_channels, image_size=image_size, ch=ch, num_res_blocks=num_res_blocks,
+                 num_groups=num_groups, **({} if out_channels is None else dict(out_channels=out_channels)))
+    for name, value in sizes.items():
+        checks.positive_int(f"UNet: {name}", value)
+    for name, values in (("ch_mult", ch_mult), ("attn_resolutions", attn_resolutions)):
+        if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
+            raise ValueError(f"UNet: {name} must be a sequence of positive ints, got {values!r}")
+        for value in values:
+            checks.positive_int(f"UNet: each of {name}", value)
+    checks.number("UNet: eps", eps, low=0, low_open=True)
+    checks.number("UNet: dropout", dropout, low=0, high=1, high_open=True)
+    checks.flag("UNet: resamp_with_conv", resamp_with_conv)
+    ch_mult, attn_resolutions = tuple(ch_mult), tuple(attn_resolutions)
+    levels = len(ch_mult)
+    resolutions = [image_size // 2 ** i for i in range(levels)]
+    problems = []
+    if not ch_mult:  # (the sizes' signs are checked above)
+        problems.append("ch_mult must have at least one level")
+    if image_size % 2 ** (levels - 1):
+        problems.append(f"image_size {image_size} is not divisible by 2^{levels - 1} for {levels} levels")
+    bad_widths = sorted({ch * m for m in ch_mult if (ch * m) % num_groups})
+    if ch % num_groups or bad_widths:
+        problems.append(f"widths {bad_widths or [ch]} are not divisible by num_groups={num_groups}")
+    missing = [r for r in attn_resolutions if r not in resolutions]
+    if missing:
+        problems.append(f"attention resolutions {missing} are never reached (resolutions: {resolutions})")
+    if problems:
+        raise ValueError("UNet: " + "; ".join(problems))
+    return ch_mult, attn_resolutions
+
+
+def _down_path(ch, ch_mult, num_res_blocks, attends, resamp_with_conv, block, attn) -> tuple[nn.ModuleList, int]:
+    """The levels on the way down (num_res_blocks ResBlocks each, attention after each where the level attends, a
+    downsampling but at the last); and the width it ends at."""
+    levels = nn.ModuleList()
+    block_in = ch
+    for level in range(len(ch_mult)):
+        down = nn.Module()
+        down.block, down.attn = nn.ModuleList(), nn.ModuleList()
+        block_out = ch * ch_mult[level]
+        for _ in range(num_res_blocks):
+            down.block.append(block(block_in, block_out))
+            block_in = block_out
+            if attends[level]:
+                down.attn.append(attn(block_in))
+        if level != len(ch_mult) - 1:
+            down.downsample = Downsample(block_in, resamp_with_conv)
+        levels.append(down)
+    return levels, block_in
+
+
+def _up_path(ch, ch_mult, num_res_blocks, attends, resamp_with_conv, block, attn,
+             block_in: int) -> tuple[nn.ModuleList, int]:
+    """The levels on the way up, built from the lowest (num_res_blocks + 1 ResBlocks each, taking the skips; an
+    upsampling but at the full resolution), stored by level as the original: up[0] is the full resolution."""
+    in_ch_mult = (1,) + ch_mult
+    ups = []
+    for level in reversed(range(len(ch_mult))):
+        up = nn.Module()
+        up.block, up.attn = nn.ModuleList(), nn.ModuleList()
+        block_out = ch * ch_mult[level]
+        for i_block in range(num_res_blocks + 1):
+            # the skip popped last at this level is the previous level's output (or conv_in's)
+            skip = ch * (ch_mult[level] if i_block < num_res_blocks else in_ch_mult[level])
+            up.block.append(block(block_in + skip, block_out))
+            block_in = block_out
+            if attends[level]:
+                up.attn.append(attn(block_in))
+        if level != 0:
+            up.upsample = Upsample(block_in, resamp_with_conv)
+        ups.insert(0, up)
+    return nn.ModuleList(ups), block_in
+
+
 class UNet(nn.Module):
     """eps_theta(x_t, t): the DDPM U-Net.
 
@@ -191,35 +269,9 @@ class UNet(nn.Module):
                  attn_resolutions: Sequence[int] = (16,), dropout: float = 0.1, num_groups: int = 32,
                  eps: float = 1e-6, resamp_with_conv: bool = True, diffusion=None):
         super().__init__()
-        sizes = dict(in_channels=in_channels, image_size=image_size, ch=ch, num_res_blocks=num_res_blocks,
-                     num_groups=num_groups, **({} if out_channels is None else dict(out_channels=out_channels)))
-        for name, value in sizes.items():  # (types first: num_groups=0 or image_size="32" fail deep inside)
-            checks.positive_int(f"UNet: {name}", value)
-        for name, values in (("ch_mult", ch_mult), ("attn_resolutions", attn_resolutions)):
-            if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
-                raise ValueError(f"UNet: {name} must be a sequence of positive ints, got {values!r}")
-            for value in values:
-                checks.positive_int(f"UNet: each of {name}", value)
-        checks.number("UNet: eps", eps, low=0, low_open=True)
-        checks.number("UNet: dropout", dropout, low=0, high=1, high_open=True)
-        checks.flag("UNet: resamp_with_conv", resamp_with_conv)
-        ch_mult, attn_resolutions = tuple(ch_mult), tuple(attn_resolutions)
+        ch_mult, attn_resolutions = _check_config(in_channels, out_channels, image_size, ch, ch_mult, num_res_blocks,
+                                                  attn_resolutions, dropout, num_groups, eps, resamp_with_conv)
         out_channels = in_channels if out_channels is None else out_channels
-        levels = len(ch_mult)
-        resolutions = [image_size // 2 ** i for i in range(levels)]
-        problems = []
-        if not ch_mult:  # (the sizes' signs are checked above)
-            problems.append("ch_mult must have at least one level")
-        if image_size % 2 ** (levels - 1):
-            problems.append(f"image_size {image_size} is not divisible by 2^{levels - 1} for {levels} levels")
-        bad_widths = sorted({ch * m for m in ch_mult if (ch * m) % num_groups})
-        if ch % num_groups or bad_widths:
-            problems.append(f"widths {bad_widths or [ch]} are not divisible by num_groups={num_groups}")
-        missing = [r for r in attn_resolutions if r not in resolutions]
-        if missing:
-            problems.append(f"attention resolutions {missing} are never reached (resolutions: {resolutions})")
-        if problems:
-            raise ValueError("UNet: " + "; ".join(problems))
         self.config = dict(in_channels=in_channels, out_channels=out_channels, image_size=image_size, ch=ch,
                            ch_mult=ch_mult, num_res_blocks=num_res_blocks, attn_resolutions=attn_resolutions,
                            dropout=dropout, num_groups=num_groups, eps=eps, resamp_with_conv=resamp_with_conv)
@@ -229,49 +281,18 @@ class UNet(nn.Module):
         temb_ch = 4 * ch
         block = lambda cin, cout: ResnetBlock(cin, cout, temb_ch, dropout, num_groups, eps)  # noqa: E731
         attn = lambda c: AttnBlock(c, num_groups, eps)  # noqa: E731
+        attends = [image_size // 2 ** i in attn_resolutions for i in range(len(ch_mult))]  # per level
 
+        # (built in the original's order: the same names, and the same draws of the initialisation)
         self.temb = nn.Module()
         self.temb.dense = nn.ModuleList([_init_(nn.Linear(ch, temb_ch)), _init_(nn.Linear(temb_ch, temb_ch))])
         self.conv_in = _init_(PackedConv(in_channels, ch, 3, padding=1))
-
-        in_ch_mult = (1,) + ch_mult
-        self.down = nn.ModuleList()
-        block_in = ch
-        for level in range(levels):
-            down = nn.Module()
-            down.block, down.attn = nn.ModuleList(), nn.ModuleList()
-            block_out = ch * ch_mult[level]
-            for _ in range(num_res_blocks):
-                down.block.append(block(block_in, block_out))
-                block_in = block_out
-                if resolutions[level] in attn_resolutions:
-                    down.attn.append(attn(block_in))
-            if level != levels - 1:
-                down.downsample = Downsample(block_in, resamp_with_conv)
-            self.down.append(down)
-
+        self.down, block_in = _down_path(ch, ch_mult, num_res_blocks, attends, resamp_with_conv, block, attn)
         self.mid = nn.Module()
         self.mid.block_1 = block(block_in, block_in)
         self.mid.attn_1 = attn(block_in)
         self.mid.block_2 = block(block_in, block_in)
-
-        ups = []
-        for level in reversed(range(levels)):
-            up = nn.Module()
-            up.block, up.attn = nn.ModuleList(), nn.ModuleList()
-            block_out = ch * ch_mult[level]
-            for i_block in range(num_res_blocks + 1):
-                # the skip popped last at this level is the previous level's output (or conv_in's)
-                skip = ch * (ch_mult[level] if i_block < num_res_blocks else in_ch_mult[level])
-                up.block.append(block(block_in + skip, block_out))
-                block_in = block_out
-                if resolutions[level] in attn_resolutions:
-                    up.attn.append(attn(block_in))
-            if level != 0:
-                up.upsample = Upsample(block_in, resamp_with_conv)
-            ups.insert(0, up)  # stored by level, as the original: up[0] is the full resolution
-        self.up = nn.ModuleList(ups)
-
+        self.up, block_in = _up_path(ch, ch_mult, num_res_blocks, attends, resamp_with_conv, block, attn, block_in)
         self.norm_out = GroupNorm(block_in, num_groups, eps)
         self.conv_out = _init_(PackedConv(block_in, out_channels, 3, padding=1), zero=True)
         for layer, res_block in enumerate(m for m in self.modules() if isinstance(m, ResnetBlock)):

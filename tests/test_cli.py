@@ -90,7 +90,7 @@ def test_bench_and_info(tiny_checkpoint, capsys):
     assert code == 0, err
     for name in ("reference", "cpp", "triton", "bundled model digits", "network dtype on cpu (sample's default): "):
         assert name in out
-    from ddpm_fast.sampling import default_network_dtype
+    from ddpm_fast.precision import default_network_dtype
     dtype, why = default_network_dtype("cpu")
     assert f"network dtype on cpu (sample's default): {str(dtype).removeprefix('torch.')}: {why}" in out
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import ddpm_fast
-from ddpm_fast import Diffusion, UNet, sampling
+from ddpm_fast import Diffusion, UNet, precision, sampling
 from ddpm_fast.ops import philox
 from test_unet import randomize_
 
@@ -258,7 +258,7 @@ def test_network_dtype_runs_the_network_under_autocast_and_keeps_the_state_float
     images = run(spying, 3, seed=6, shape=(1, 8, 8), diffusion=model.diffusion, network_dtype=torch.bfloat16)
     assert images.dtype == torch.float32 and set(seen) == {(torch.float32, torch.bfloat16)}
     assert (images - run(model, 3, seed=6, network_dtype=torch.float32)).abs().max() < 0.05
-    default = sampling.default_network_dtype("cpu")[0]
+    default = precision.default_network_dtype("cpu")[0]
     assert torch.equal(run(model, 3, seed=6, network_dtype=default), run(model, 3, seed=6, network_dtype=None))
     with pytest.raises(ValueError, match="network_dtype must be one of"):
         run(model, 2, network_dtype=torch.int8)
@@ -270,10 +270,10 @@ def test_the_cpu_default_is_bf16_where_the_cpu_multiplies_bf16_natively(monkeypa
     (`ddpm-fast info` prints it)."""
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: fast, raising=False)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
-    dtype, why = sampling.default_network_dtype("cpu")
+    dtype, why = precision.default_network_dtype("cpu")
     assert dtype == (torch.bfloat16 if fast and torch.backends.mkldnn.is_available() else torch.float32)
     assert ("has AVX512-BF16 or AMX" if dtype == torch.bfloat16 else "neither AVX512-BF16 nor AMX") in why
-    assert sampling.default_network_dtype("cuda")[0] == torch.bfloat16
+    assert precision.default_network_dtype("cuda")[0] == torch.bfloat16
 
 
 # ---------------------------------------------------------------------------------------------------- GPU engine

@@ -13,12 +13,12 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ddpm_fast import checks
+from ddpm_fast import checks, precision
 from ddpm_fast import images as _images
 from ddpm_fast.data import load_images, to_model_range
 from ddpm_fast.diffusion import Diffusion
 from ddpm_fast.ops import philox
-from ddpm_fast.sampling import Autocast, eval_mode, model_device, resolve_diffusion
+from ddpm_fast.sampling import eval_mode, model_device, resolve_diffusion
 
 
 @dataclass
@@ -60,13 +60,12 @@ def nll(model, data, *, diffusion: Diffusion | None = None, batch_size: int = 64
     :param network_dtype: float32 (the default: the bound in full precision), or bfloat16 / float16 to run the
         network under autocast as sample() does (the README's precision check compares the two).
     """
-    if network_dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise ValueError(f"network_dtype must be torch.float32, torch.bfloat16 or torch.float16, got {network_dtype!r}")
+    checks.choice("network_dtype", network_dtype, precision.NETWORK_DTYPES)
     checks.positive_int("batch_size", batch_size)
     checks.optional_positive_int("limit", limit)
     checks.flag("progress", progress)
     diffusion, device = _setup(model, diffusion, device)
-    network = model if network_dtype == torch.float32 else Autocast(model, device.type, network_dtype)
+    network = precision.autocast(model, device.type, network_dtype)
     images = load_images(data, progress=progress)
     checks.image_shape(model, tuple(images.shape[1:]), "the data's images")
     if limit is not None:

@@ -214,7 +214,8 @@ def _check_match(op: str, name: str, y, x: torch.Tensor, x_name: str) -> torch.T
 def _check_vector(op: str, name: str, v, x: torch.Tensor) -> torch.Tensor:
     batch = x.shape[0]
     if not isinstance(v, torch.Tensor) or v.dtype != torch.int64 or v.shape != (batch,) or v.device != x.device:
-        raise ValueError(f"{op}: {name} must be an int64 tensor of shape ({batch},) on {x.device}, got {checks.describe(v)}")
+        raise ValueError(f"{op}: {name} must be an int64 tensor of shape ({batch},) on {x.device}, "
+                         f"got {checks.describe(v)}")
     return v
 
 
@@ -316,7 +317,8 @@ def reverse_step(x_t: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, coef: to
     _check_vector(op, "counter2", counter2, x_t)
     if nonfinite_t is not None and (not isinstance(nonfinite_t, torch.Tensor) or nonfinite_t.dtype != torch.int64
                                     or nonfinite_t.dim() != 0 or nonfinite_t.device != x_t.device):
-        raise ValueError(f"{op}: nonfinite_t must be a 0-d int64 tensor on {x_t.device}, got {checks.describe(nonfinite_t)}")
+        raise ValueError(f"{op}: nonfinite_t must be a 0-d int64 tensor on {x_t.device}, "
+                         f"got {checks.describe(nonfinite_t)}")
     seed, c3 = checks.seed(seed), _c3(stream, 0)
     chosen = registry.choose(op, x_t.device, IMPLEMENTED, backend)
     args = (x_t, eps, t, coef, sample_index, counter2, seed, c3, bool(clip), bool(write_x0), nonfinite_t)
