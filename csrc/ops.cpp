@@ -9,18 +9,19 @@
 TORCH_LIBRARY(ddpm_fast, m) {
   // Raw Philox4x32-10 words: counter (N, 4) int64 holding uint32 values -> (N, 4) int64 holding uint32 words.
   m.def("philox(Tensor counter, int seed) -> Tensor");
-  // Standard normals in the layout of DESIGN.md: out[b, e] uses counter (e // 4, sample_index[b], counter2[b], c3).
-  // sample_index, counter2: (B,) int64 in [0, 2^32); c3: stream | layer << 8; returns (B, numel) float32.
-  m.def("philox_normal(Tensor sample_index, Tensor counter2, int seed, int c3, int numel) -> Tensor");
+  // Standard normals in the layout of docs/design.md: out[b, e] uses counter
+  // (e // 4, sample_index[b], step[b], stream_word).
+  // sample_index, step: (B,) int64 in [0, 2^32); stream_word: stream | layer << 8; returns (B, numel) float32.
+  m.def("philox_normal(Tensor sample_index, Tensor step, int seed, int stream_word, int numel) -> Tensor");
 
   // The fused diffusion ops (ddpm_fast/ops/diffusion_step.py has the references). t (B,) int64 picks the row of a
   // coefficient table coef (T, cols) in the accumulation dtype (float64 for float64 inputs, else float32); noise
-  // comes from Philox counter (e // 4, sample_index[b], counter2[b], c3) in the sample's logical element order.
+  // comes from Philox counter (e // 4, sample_index[b], step[b], stream_word) in the sample's logical element order.
   // Forward noising: x_t = coef[t, 0] x0 + coef[t, 1] noise (float32 out; float64 for float64).
   m.def("q_sample(Tensor x0, Tensor t, Tensor coef, Tensor noise) -> Tensor");
   // The same with the noise drawn in the pass; returns (x_t, eps).
-  m.def("q_sample_philox(Tensor x0, Tensor t, Tensor coef, Tensor sample_index, Tensor counter2, int seed, int c3) "
-        "-> (Tensor, Tensor)");
+  m.def("q_sample_philox(Tensor x0, Tensor t, Tensor coef, Tensor sample_index, Tensor step, int seed, "
+        "int stream_word) -> (Tensor, Tensor)");
   // L_simple per sample: mean of (eps_pred - eps)^2 over each sample, (B,); and its gradient for eps_pred.
   m.def("simple_loss(Tensor eps_pred, Tensor eps) -> Tensor");
   m.def("simple_loss_backward(Tensor grad, Tensor eps_pred, Tensor eps) -> Tensor");
@@ -28,18 +29,18 @@ TORCH_LIBRARY(ddpm_fast, m) {
   // x_{t-1} = c_x0 x0_hat + c_xt x_t + sigma z, no noise where t == 0. Returns (x_{t-1}, x0_hat if write_x0 else
   // an empty tensor). nonfinite_t (0-d int64), if given, becomes max(nonfinite_t, t[b]) over the samples b whose
   // x_{t-1} is not all finite (the sampler's flag, set by the step itself: no pass of its own, no host sync).
-  m.def("reverse_step(Tensor x_t, Tensor eps, Tensor t, Tensor coef, Tensor sample_index, Tensor counter2, int seed, "
-        "int c3, bool clip, bool write_x0, Tensor(a!)? nonfinite_t=None) -> (Tensor, Tensor)");
+  m.def("reverse_step(Tensor x_t, Tensor eps, Tensor t, Tensor coef, Tensor sample_index, Tensor step, int seed, "
+        "int stream_word, bool clip, bool write_x0, Tensor(a!)? nonfinite_t=None) -> (Tensor, Tensor)");
 
   // y = dropout(act(GroupNorm(x + add[n, c]))) (ddpm_fast/ops/group_norm.py has the reference); the dropout mask
-  // from Philox counter (e // 4, sample_index[n], counter2[n], c3), kept where the uniform >= dropout. Returns y (x's
-  // dtype and layout) and, per (n, group), shift = mean - pivot and rstd for the backward (accumulation dtype).
+  // from Philox counter (e // 4, sample_index[n], step[n], stream_word), kept where the uniform >= dropout. Returns y
+  // (x's dtype and layout) and, per (n, group), shift = mean - pivot and rstd for the backward (accumulation dtype).
   m.def("group_norm_silu(Tensor x, Tensor weight, Tensor bias, Tensor? add, int num_groups, float eps, bool act, "
-        "float dropout, Tensor sample_index, Tensor counter2, int seed, int c3) -> (Tensor, Tensor, Tensor)");
+        "float dropout, Tensor sample_index, Tensor step, int seed, int stream_word) -> (Tensor, Tensor, Tensor)");
   // Gradients for x, weight, bias and add (empty when add is None), the mask regenerated.
   m.def("group_norm_silu_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor bias, Tensor? add, Tensor shift, "
-        "Tensor rstd, int num_groups, bool act, float dropout, Tensor sample_index, Tensor counter2, int seed, "
-        "int c3) -> (Tensor, Tensor, Tensor, Tensor)");
+        "Tensor rstd, int num_groups, bool act, float dropout, Tensor sample_index, Tensor step, int seed, "
+        "int stream_word) -> (Tensor, Tensor, Tensor, Tensor)");
 
   // The U-Net's attention block on folded weights (ddpm_fast/ops/attention.py): h = GN(x), g = score_weight h +
   // score_bias, P = softmax over keys of g^T h, y = x + out_weight (h P^T) + out_bias, per sample over the H*W

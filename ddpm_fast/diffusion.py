@@ -1,4 +1,4 @@
-"""The DDPM math (Ho et al. 2020) in the code's indices t = 0..T-1 (paper t - 1); DESIGN.md fixes the conventions.
+"""The DDPM math (Ho et al. 2020) in the code's indices t = 0..T-1 (paper t - 1); docs/design.md fixes the conventions.
 
 Tables are float64 once (schedule.py), copied to each device once as float32 (float64 for float64 inputs), and
 gathered there by t: no host copy per call. The forward noising, L_simple and the reverse step run as fused ops
@@ -118,7 +118,7 @@ class Diffusion:
         return self._derived(self.tables["betas"], self.timestep_map, variance)
 
     def respace(self, steps: int) -> "Diffusion":
-        """The process on `steps` of the T timesteps (DESIGN.md: linspace(0, T-1, steps).round()), betas recomputed
+        """The process on `steps` of the T timesteps (docs/design.md: linspace(0, T-1, steps).round()), betas recomputed
         from abar at the kept steps; the model still sees the original timesteps."""
         kept = _schedule.respaced_timesteps(self.num_timesteps, steps)
         if len(kept) == self.num_timesteps:

@@ -1,7 +1,7 @@
 """Sampling: DDPM ancestral sampling (Algorithm 2 of the paper) or DDIM over a whole run of n images, in batches.
 Each step is the model call and one fused reverse-step op (ddpm_fast/ops/diffusion_step.py).
 
-Noise is keyed by the global sample index (DESIGN.md), so the images do not depend on the batch split.
+Noise is keyed by the global sample index (docs/design.md), so the images do not depend on the batch split.
 The loop keeps t on the device and checks for NaN/inf with a device-side flag per batch, read once at the end.
 On a GPU one step (network + reverse step + flag) is captured in a CUDA graph per batch size and replayed: the step
 reads its position from a device counter that the graph itself advances, so every replay is the next step; the
@@ -315,7 +315,7 @@ def sample(model, n: int, *, diffusion: Diffusion | None = None, sampler: str = 
     :param n: number of images.
     :param diffusion: the process; default: model.diffusion if the model has one, else Diffusion().
     :param sampler: "ddpm" (ancestral) or "ddim" (Song et al., with `eta` in [0, 1]; 0 is deterministic).
-    :param steps: None for all T, or k < T respaced steps (DESIGN.md), for either sampler.
+    :param steps: None for all T, or k < T respaced steps (docs/design.md), for either sampler.
     :param seed: the Philox key; image i is a function of (seed, i) alone.
     :param batch_size: images per model call (default: min(n, 256), and on a GPU no more than its free memory
         holds; one that does not fit is an error that says what would).

@@ -2,10 +2,10 @@
 random horizontal flips, uniform t, L_simple on the fused ops), checkpoints that survive a crash, and data-parallel
 training under torchrun.
 
-Every random draw is keyed, never taken from a generator's state (DESIGN.md, Random numbers): at optimizer step s
-the global batch holds the data positions s*B .. s*B+B-1 of a seeded permutation per epoch, and sample j of it
-gets its t (Philox stream 3), its flip (stream 5), its eps (stream 2) and its dropout masks (stream 4) from
-(seed, j, s). So a run is a function of its seed and its settings: resuming replays the same steps, and any number of
+Every random draw is keyed (docs/design.md, "Random numbers"), never taken from a generator's running state: at
+optimizer step s the global batch holds the data positions s*B .. s*B+B-1 of a permutation seeded by (seed, epoch),
+and sample j of it gets its t (Philox stream 3), its flip (stream 5), its eps (stream 2) and its dropout masks
+(stream 4) from (seed, j, s). So a run is a function of its seed and its settings: resuming replays the same steps, and any number of
 processes (each taking its share of j) computes the same gradient as one.
 """
 from __future__ import annotations

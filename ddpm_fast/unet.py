@@ -346,7 +346,7 @@ class UNet(nn.Module):
         """:param x: (B, in_channels, H, W), H and W divisible by 2^(levels-1). :param t: (B,) code timesteps.
         :param dropout_keys: in training, the dropout masks' Philox keys (seed, sample_index (B,) int64, step):
             each sample's masks are then a function of (seed, its index, the step, the layer) alone, whatever the
-            batch split (DESIGN.md: the index in the global batch and the optimizer step). None: a seed drawn
+            batch split (docs/design.md: the index in the global batch and the optimizer step). None: a seed drawn
             from torch's generator, sample_index arange(B), step 0.
         :return: eps prediction (B, out_channels, H, W)."""
         levels = len(self.ch_mult)

@@ -1,4 +1,4 @@
-"""The CUDA sources, checked without a GPU (DESIGN.md, "Testing without a GPU"): every csrc/cuda/*.cu compiles with
+"""The CUDA sources, checked without a GPU (docs/design.md, "Testing without a GPU"): every csrc/cuda/*.cu compiles with
 plain nvcc for sm_90 (they include no torch header), and the torch binding file passes a g++ syntax check against
 the CPU torch's c10/cuda headers. Running them needs a GPU (tests marked gpu)."""
 import os

@@ -59,7 +59,7 @@ def test_tables_against_the_formulas(variance):
         assert tab["posterior_mean_coef1"][t] == pytest.approx(math.sqrt(abar_prev[t]) * b[t] / (1 - abar[t]), rel=1e-12)
         assert tab["posterior_mean_coef2"][t] == pytest.approx(
             math.sqrt(1 - b[t]) * (1 - abar_prev[t]) / (1 - abar[t]), rel=1e-12)
-    # index 0 of the log variances borrows index 1 (DESIGN.md); fixed_large is beta elsewhere
+    # index 0 of the log variances borrows index 1 (docs/design.md); fixed_large is beta elsewhere
     assert tab["posterior_log_variance_clipped"][0] == pytest.approx(math.log(beta_tilde[1]), rel=1e-12)
     assert tab["posterior_variance"][0] == 0.0
     if variance == "fixed_large":

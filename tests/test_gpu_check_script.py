@@ -1,7 +1,7 @@
 """bench/gpu_check.sh, the one script run on a rented GPU machine, executed here in its --dry-run form (the same stages
 on the CPU against the installed build: the gpu-marked tests skip, one bench file runs one round) so that it cannot
-rot between the rare GPU runs (DESIGN.md, "Testing without a GPU"); its --plan checked against the test files and the
-480 s budget of the device tool's first call. The dry run never runs this file (no recursion)."""
+rot between the rare GPU runs (docs/design.md, "Testing without a GPU"); its --plan checked against the test files and
+the 480 s budget of the device tool's first call. The dry run never runs this file (no recursion)."""
 import json
 import os
 import re

@@ -2,7 +2,7 @@
 
 Each op reads one row of a coefficient table per sample (coef[t[b]]), so the kernels know nothing of schedules;
 ddpm_fast/diffusion.py builds the tables (float64 math, stored in the accumulation dtype). Noise is drawn inside the
-kernels from Philox (DESIGN.md, "Random numbers"): counter (e // 4, sample_index[b], counter2[b], stream | layer << 8)
+kernels from Philox (docs/design.md, "Random numbers"): counter (e // 4, sample_index[b], step[b], stream | layer << 8)
 for the sample's logical element e, so it equals `philox.randn` of the same keys on every backend and layout.
 
 Dtypes: inputs float32, bfloat16, float16 or float64; the accumulation and output dtype is float32 (float64 for
@@ -14,7 +14,7 @@ import torch
 
 from ddpm_fast import checks
 from ddpm_fast.kernels.layout import acc_dtype, runnable
-from ddpm_fast.ops import registry
+from ddpm_fast.ops import philox, registry
 from ddpm_fast.ops.philox import STREAM_REVERSE, STREAM_TRAIN_EPS, philox_normal_reference
 
 IMPLEMENTED = ("reference", "cpp", "triton")
@@ -29,10 +29,10 @@ def per_sample(values: torch.Tensor, like_x: torch.Tensor) -> torch.Tensor:
     return values.view(-1, *([1] * (like_x.dim() - 1)))
 
 
-def _reference_noise(x: torch.Tensor, sample_index, counter2, seed: int, c3: int) -> torch.Tensor:
+def _reference_noise(x: torch.Tensor, sample_index, step, seed: int, stream_word: int) -> torch.Tensor:
     if x.numel() == 0:
         return torch.empty_like(x, dtype=torch.float32)
-    return philox_normal_reference(sample_index, counter2, seed, c3, x.numel() // x.shape[0]).view(x.shape)
+    return philox_normal_reference(sample_index, step, seed, stream_word, x.numel() // x.shape[0]).view(x.shape)
 
 
 def q_sample_reference(x0, t, coef, noise):
@@ -42,8 +42,8 @@ def q_sample_reference(x0, t, coef, noise):
     return per_sample(row[:, 0], x0) * x0.to(acc) + per_sample(row[:, 1], x0) * noise.to(acc)
 
 
-def q_sample_philox_reference(x0, t, coef, sample_index, counter2, seed, c3):
-    eps = _reference_noise(x0, sample_index, counter2, seed, c3).to(acc_dtype(x0.dtype))
+def q_sample_philox_reference(x0, t, coef, sample_index, step, seed, stream_word):
+    eps = _reference_noise(x0, sample_index, step, seed, stream_word).to(acc_dtype(x0.dtype))
     return q_sample_reference(x0, t, coef, eps), eps
 
 
@@ -53,7 +53,7 @@ def simple_loss_reference(eps_pred, eps):
     return ((eps_pred.to(acc) - eps.to(acc)) ** 2).flatten(1).mean(1)
 
 
-def reverse_step_reference(x_t, eps, t, coef, sample_index, counter2, seed, c3, clip, write_x0, nonfinite_t=None):
+def reverse_step_reference(x_t, eps, t, coef, sample_index, step, seed, stream_word, clip, write_x0, nonfinite_t=None):
     """x0_hat = a x_t - b eps (clipped to [-1, 1] if clip); x_{t-1} = c_x0 x0_hat + c_xt x_t + sigma z, with z from
     Philox and no noise where t == 0 (or sigma == 0); nonfinite_t, if given, becomes the largest of itself and the
     t of every sample whose x_{t-1} is not all finite."""
@@ -61,7 +61,7 @@ def reverse_step_reference(x_t, eps, t, coef, sample_index, counter2, seed, c3, 
     x0_hat = a * x_t - b * eps.to(x_t.dtype)
     if clip:
         x0_hat = x0_hat.clamp(-1.0, 1.0)
-    z = _reference_noise(x_t, sample_index, counter2, seed, c3).to(x_t.dtype)
+    z = _reference_noise(x_t, sample_index, step, seed, stream_word).to(x_t.dtype)
     noisy = per_sample((t != 0) & (coef[t, 4] != 0), x_t)
     x_prev = coef_x0 * x0_hat + coef_xt * x_t + torch.where(noisy, sigma, torch.zeros_like(sigma)) * z
     if nonfinite_t is not None and x_prev.numel():
@@ -81,8 +81,8 @@ def _register_triton_ops():
 
     @torch.library.triton_op("ddpm_fast::q_sample_philox_triton", mutates_args=())
     def q_sample_philox_triton(x0: torch.Tensor, t: torch.Tensor, coef: torch.Tensor, sample_index: torch.Tensor,
-                               counter2: torch.Tensor, seed: int, c3: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return kernels.q_sample_philox(x0, t, coef, sample_index, counter2, seed, c3)
+                               step: torch.Tensor, seed: int, stream_word: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return kernels.q_sample_philox(x0, t, coef, sample_index, step, seed, stream_word)
 
     @torch.library.triton_op("ddpm_fast::simple_loss_triton", mutates_args=())
     def simple_loss_triton(eps_pred: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
@@ -94,10 +94,11 @@ def _register_triton_ops():
 
     @torch.library.triton_op("ddpm_fast::reverse_step_triton", mutates_args=("nonfinite_t",))
     def reverse_step_triton(x_t: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, coef: torch.Tensor,
-                            sample_index: torch.Tensor, counter2: torch.Tensor, seed: int, c3: int, clip: bool,
+                            sample_index: torch.Tensor, step: torch.Tensor, seed: int, stream_word: int, clip: bool,
                             write_x0: bool, nonfinite_t: torch.Tensor | None = None
                             ) -> tuple[torch.Tensor, torch.Tensor]:
-        return kernels.reverse_step(x_t, eps, t, coef, sample_index, counter2, seed, c3, clip, write_x0, nonfinite_t)
+        return kernels.reverse_step(x_t, eps, t, coef, sample_index, step, seed, stream_word, clip, write_x0,
+                                    nonfinite_t)
 
     ops = {"q_sample": q_sample_triton, "q_sample_philox": q_sample_philox_triton, "simple_loss": simple_loss_triton,
            "simple_loss_backward": simple_loss_backward_triton, "reverse_step": reverse_step_triton}
@@ -173,7 +174,7 @@ def _register_cpp_extras() -> None:
         return out_like(x0, acc_dtype(x0.dtype))
 
     @torch.library.register_fake("ddpm_fast::q_sample_philox")
-    def _(x0, t, coef, sample_index, counter2, seed, c3):
+    def _(x0, t, coef, sample_index, step, seed, stream_word):
         return out_like(x0, acc_dtype(x0.dtype)), out_like(x0, acc_dtype(x0.dtype))
 
     @torch.library.register_fake("ddpm_fast::simple_loss")
@@ -185,7 +186,7 @@ def _register_cpp_extras() -> None:
         return out_like(eps_pred)
 
     @torch.library.register_fake("ddpm_fast::reverse_step")
-    def _(x_t, eps, t, coef, sample_index, counter2, seed, c3, clip, write_x0, nonfinite_t=None):
+    def _(x_t, eps, t, coef, sample_index, step, seed, stream_word, clip, write_x0, nonfinite_t=None):
         return out_like(x_t), (out_like(x_t) if write_x0 else x_t.new_empty(0))
 
     _register_autograd({name: f"ddpm_fast::{name}" for name in ("q_sample", "q_sample_philox", "simple_loss")},
@@ -227,12 +228,6 @@ def _check_table(op: str, coef, columns: int, dtype: torch.dtype, x: torch.Tenso
     return coef
 
 
-def _c3(stream: int, layer: int) -> int:
-    if not 0 <= stream < 256 or not 0 <= layer < 2**23:
-        raise ValueError(f"stream must be in [0, 256) and layer in [0, 2^23), got stream={stream}, layer={layer}")
-    return stream | (layer << 8)
-
-
 # ---------------------------------------------------------------------------------------------------- public
 def q_sample(x0: torch.Tensor, t: torch.Tensor, coef: torch.Tensor, noise: torch.Tensor, *,
              backend: str | None = None) -> torch.Tensor:
@@ -255,24 +250,24 @@ def q_sample(x0: torch.Tensor, t: torch.Tensor, coef: torch.Tensor, noise: torch
 
 
 def q_sample_philox(x0: torch.Tensor, t: torch.Tensor, coef: torch.Tensor, sample_index: torch.Tensor,
-                    counter2: torch.Tensor, *, seed: int, stream: int = STREAM_TRAIN_EPS,
+                    step: torch.Tensor, *, seed: int, stream: int = STREAM_TRAIN_EPS,
                     backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """q_sample with eps drawn in the same pass: eps[b] = philox.randn(sample_index[b], counter2[b], stream).
+    """q_sample with eps drawn in the same pass: eps[b] = philox.randn(sample_index[b], step[b], stream).
 
-    :param sample_index, counter2: (B,) int64 counter words c1, c2 (taken mod 2^32).
+    :param sample_index, step: (B,) int64 counter words c1, c2 (taken mod 2^32).
     :return: (x_t, eps), both float32 (float64 for float64 x0); x_t differentiable for x0.
     """
     _check_data("q_sample_philox", "x0", x0)
     _check_vector("q_sample_philox", "t", t, x0)
     _check_table("q_sample_philox", coef, Q_SAMPLE_COLUMNS, acc_dtype(x0.dtype), x0)
     _check_vector("q_sample_philox", "sample_index", sample_index, x0)
-    _check_vector("q_sample_philox", "counter2", counter2, x0)
-    seed, c3 = checks.seed(seed), _c3(stream, 0)
+    _check_vector("q_sample_philox", "step", step, x0)
+    seed, word = checks.seed(seed), philox.stream_word(stream)
     chosen = registry.choose("q_sample_philox", x0.device, IMPLEMENTED, backend)
     if chosen == "reference":
-        return q_sample_philox_reference(x0, t, coef, sample_index, counter2, seed, c3)
-    return (_cpp() if chosen == "cpp" else triton_ops())["q_sample_philox"](x0, t, coef, sample_index, counter2, seed,
-                                                                          c3)
+        return q_sample_philox_reference(x0, t, coef, sample_index, step, seed, word)
+    return (_cpp() if chosen == "cpp" else triton_ops())["q_sample_philox"](x0, t, coef, sample_index, step, seed,
+                                                                          word)
 
 
 def simple_loss(eps_pred: torch.Tensor, eps: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
@@ -292,7 +287,7 @@ def simple_loss(eps_pred: torch.Tensor, eps: torch.Tensor, *, backend: str | Non
 
 
 def reverse_step(x_t: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, coef: torch.Tensor,
-                 sample_index: torch.Tensor, counter2: torch.Tensor, *, seed: int, clip: bool = True,
+                 sample_index: torch.Tensor, step: torch.Tensor, *, seed: int, clip: bool = True,
                  write_x0: bool = False, stream: int = STREAM_REVERSE, nonfinite_t: torch.Tensor | None = None,
                  backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One reverse step x_t -> x_{t-1} in one pass, its noise drawn inside (DDPM or DDIM, by the table's rows).
@@ -301,7 +296,7 @@ def reverse_step(x_t: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, coef: to
     :param eps: (B, ...) the model's prediction, any float dtype.
     :param t: (B,) int64 rows of coef. :param coef: (T, 5) [a, b, c_x0, c_xt, sigma] in x_t's dtype
         (Diffusion.step_table builds it); x0_hat = a x_t - b eps, x_{t-1} = c_x0 x0_hat + c_xt x_t + sigma z.
-    :param sample_index, counter2: (B,) int64 counter words of z (the global sample index, the original timestep).
+    :param sample_index, step: (B,) int64 counter words of z (the global sample index, the original timestep).
     :param clip: clip x0_hat to [-1, 1]. :param write_x0: also return x0_hat.
     :param nonfinite_t: a 0-d int64 tensor on x_t's device, or None: set in the same pass to the largest of itself
         and the t of every sample whose x_{t-1} holds a NaN or inf (the sampler's flag: start it at -1; set by the
@@ -314,14 +309,14 @@ def reverse_step(x_t: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, coef: to
     _check_vector(op, "t", t, x_t)
     _check_table(op, coef, STEP_COLUMNS, x_t.dtype, x_t)
     _check_vector(op, "sample_index", sample_index, x_t)
-    _check_vector(op, "counter2", counter2, x_t)
+    _check_vector(op, "step", step, x_t)
     if nonfinite_t is not None and (not isinstance(nonfinite_t, torch.Tensor) or nonfinite_t.dtype != torch.int64
                                     or nonfinite_t.dim() != 0 or nonfinite_t.device != x_t.device):
         raise ValueError(f"{op}: nonfinite_t must be a 0-d int64 tensor on {x_t.device}, "
                          f"got {checks.describe(nonfinite_t)}")
-    seed, c3 = checks.seed(seed), _c3(stream, 0)
+    seed, word = checks.seed(seed), philox.stream_word(stream)
     chosen = registry.choose(op, x_t.device, IMPLEMENTED, backend)
-    args = (x_t, eps, t, coef, sample_index, counter2, seed, c3, bool(clip), bool(write_x0), nonfinite_t)
+    args = (x_t, eps, t, coef, sample_index, step, seed, word, bool(clip), bool(write_x0), nonfinite_t)
     if chosen == "reference":
         x_prev, x0_hat = reverse_step_reference(*args)
     else:

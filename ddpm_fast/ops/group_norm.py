@@ -3,8 +3,8 @@ block, y = dropout(act(GN(x + add[n, c]))), as one read and one write (eager PyT
 
 Statistics are float32 (float64 for float64 inputs) sums taken relative to a pivot, the group's first element with x
 and add apart (csrc/include/ddpm_fast/group_norm.h), so that inputs of mean 1e3 and std 1e-3 normalise to ~1e-7.
-The dropout mask comes from Philox stream 4 (DESIGN.md): element e of sample n is kept where the uniform of counter
-(e // 4, sample_index[n], counter2[n], 4 | layer << 8), word e % 4, is >= p; the backward draws it again.
+The dropout mask comes from Philox stream 4 (docs/design.md): element e of sample n is kept where the uniform of counter
+(e // 4, sample_index[n], step[n], 4 | layer << 8), word e % 4, is >= p; the backward draws it again.
 """
 from __future__ import annotations
 
@@ -13,22 +13,22 @@ import torch.nn.functional as F
 
 from ddpm_fast import checks
 from ddpm_fast.kernels.layout import acc_dtype, runnable
-from ddpm_fast.ops import registry
+from ddpm_fast.ops import philox, registry
 from ddpm_fast.ops.philox import STREAM_DROPOUT, philox_uniform_reference
 
 IMPLEMENTED = ("reference", "cpp", "triton")
 
 
 # ---------------------------------------------------------------------------------------------------- reference
-def dropout_mask_reference(x: torch.Tensor, p: float, sample_index, counter2, seed: int, c3: int) -> torch.Tensor:
+def dropout_mask_reference(x: torch.Tensor, p: float, sample_index, step, seed: int, stream_word: int) -> torch.Tensor:
     """The kept-and-scaled factor per element of x (logical order): 1 / (1 - p) where kept, else 0; float32."""
     numel = x.numel() // x.shape[0]
-    u = philox_uniform_reference(sample_index, counter2, seed, c3, numel).view(x.shape)
+    u = philox_uniform_reference(sample_index, step, seed, stream_word, numel).view(x.shape)
     return (u >= p).to(torch.float32) / (1.0 - p)
 
 
 def group_norm_silu_reference(x, weight, bias, num_groups: int, eps: float, add=None, act: bool = True,
-                              dropout: float = 0.0, sample_index=None, counter2=None, seed: int = 0, c3: int = 0):
+                              dropout: float = 0.0, sample_index=None, step=None, seed: int = 0, stream_word: int = 0):
     """The specification, plainly: add, normalise per (sample, group), affine, SiLU, dropout."""
     if add is not None:
         x = x + add.view(*add.shape, *([1] * (x.dim() - 2))).to(x.dtype)
@@ -40,7 +40,7 @@ def group_norm_silu_reference(x, weight, bias, num_groups: int, eps: float, add=
     y = xhat * weight.to(x.dtype).view(affine) + bias.to(x.dtype).view(affine)
     y = F.silu(y) if act else y
     if dropout > 0:
-        y = y * dropout_mask_reference(x, dropout, sample_index, counter2, seed, c3).to(y.dtype)
+        y = y * dropout_mask_reference(x, dropout, sample_index, step, seed, stream_word).to(y.dtype)
     return y
 
 
@@ -52,19 +52,19 @@ def _register_triton_ops():
     @torch.library.triton_op("ddpm_fast::group_norm_silu_triton", mutates_args=())
     def group_norm_silu_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, add: torch.Tensor | None,
                                num_groups: int, eps: float, act: bool, dropout: float, sample_index: torch.Tensor,
-                               counter2: torch.Tensor, seed: int, c3: int) -> tuple[torch.Tensor, torch.Tensor,
+                               step: torch.Tensor, seed: int, stream_word: int) -> tuple[torch.Tensor, torch.Tensor,
                                                                                     torch.Tensor]:
-        return kernels.group_norm_silu(x, weight, bias, add, num_groups, eps, act, dropout, sample_index, counter2,
-                                       seed, c3)
+        return kernels.group_norm_silu(x, weight, bias, add, num_groups, eps, act, dropout, sample_index, step,
+                                       seed, stream_word)
 
     @torch.library.triton_op("ddpm_fast::group_norm_silu_backward_triton", mutates_args=())
     def group_norm_silu_backward_triton(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
                                         bias: torch.Tensor, add: torch.Tensor | None, shift: torch.Tensor,
                                         rstd: torch.Tensor, num_groups: int, act: bool, dropout: float,
-                                        sample_index: torch.Tensor, counter2: torch.Tensor, seed: int,
-                                        c3: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                                        sample_index: torch.Tensor, step: torch.Tensor, seed: int, stream_word: int
+                                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         return kernels.group_norm_silu_backward(grad_y, x, weight, bias, add, shift, rstd, num_groups, act, dropout,
-                                                sample_index, counter2, seed, c3)
+                                                sample_index, step, seed, stream_word)
 
     _register_autograd(group_norm_silu_triton, group_norm_silu_backward_triton)
     return group_norm_silu_triton
@@ -88,12 +88,12 @@ def _register_cpp_extras() -> None:
         return
 
     @torch.library.register_fake("ddpm_fast::group_norm_silu")
-    def _(x, weight, bias, add, num_groups, eps, act, dropout, sample_index, counter2, seed, c3):
+    def _(x, weight, bias, add, num_groups, eps, act, dropout, sample_index, step, seed, stream_word):
         stats = x.new_empty((x.shape[0], num_groups), dtype=acc_dtype(x.dtype))
         return torch.empty_like(runnable(x)), stats, torch.empty_like(stats)
 
     @torch.library.register_fake("ddpm_fast::group_norm_silu_backward")
-    def _(grad_y, x, weight, bias, add, shift, rstd, num_groups, act, dropout, sample_index, counter2, seed, c3):
+    def _(grad_y, x, weight, bias, add, shift, rstd, num_groups, act, dropout, sample_index, step, seed, stream_word):
         dadd = add.new_empty(add.shape) if add is not None else x.new_empty(0)  # contiguous, as the kernels'
         return torch.empty_like(runnable(x)), weight.new_empty(weight.shape), bias.new_empty(bias.shape), dadd
 
@@ -102,17 +102,17 @@ def _register_cpp_extras() -> None:
 
 def _register_autograd(op, backward_op) -> None:
     def setup_context(ctx, inputs, output):
-        x, weight, bias, add, num_groups, eps, act, dropout, sample_index, counter2, seed, c3 = inputs
+        x, weight, bias, add, num_groups, eps, act, dropout, sample_index, step, seed, stream_word = inputs
         _, shift, rstd = output
-        ctx.save_for_backward(x, weight, bias, add, shift, rstd, sample_index, counter2)
-        ctx.config = (num_groups, act, dropout, seed, c3)
+        ctx.save_for_backward(x, weight, bias, add, shift, rstd, sample_index, step)
+        ctx.config = (num_groups, act, dropout, seed, stream_word)
         ctx.mark_non_differentiable(shift, rstd)
 
     def backward(ctx, grad_y, _grad_shift, _grad_rstd):
-        x, weight, bias, add, shift, rstd, sample_index, counter2 = ctx.saved_tensors
-        num_groups, act, dropout, seed, c3 = ctx.config
+        x, weight, bias, add, shift, rstd, sample_index, step = ctx.saved_tensors
+        num_groups, act, dropout, seed, stream_word = ctx.config
         dx, dweight, dbias, dadd = backward_op(grad_y, x, weight, bias, add, shift, rstd, num_groups, act, dropout,
-                                               sample_index, counter2, seed, c3)
+                                               sample_index, step, seed, stream_word)
         return (dx, dweight, dbias, dadd if add is not None else None) + (None,) * 8
 
     torch.library.register_autograd(op, backward, setup_context=setup_context)
@@ -176,16 +176,16 @@ def group_norm_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, n
         raise ValueError(f"group_norm_silu: sample_index must be an int64 tensor of shape ({x.shape[0]},) on "
                          f"{x.device}, got {checks.describe(sample_index)}")
     if dropout == 0:  # no mask to draw: the kernels read no counter words
-        sample_index = counter2 = _no_counters(x.device)
+        sample_index = steps = _no_counters(x.device)
     else:
         if sample_index is None:
             sample_index = torch.arange(x.shape[0], device=x.device)
-        counter2 = torch.full_like(sample_index, step)
-    c3 = STREAM_DROPOUT | (layer << 8)
+        steps = torch.full_like(sample_index, step)
+    word = philox.stream_word(STREAM_DROPOUT, layer)
     chosen = registry.choose("group_norm_silu", x.device, IMPLEMENTED, backend)
     if chosen == "reference":
         return group_norm_silu_reference(x, weight, bias, num_groups, float(eps), add, act, float(dropout),
-                                         sample_index, counter2, seed, c3)
+                                         sample_index, steps, seed, word)
     op = torch.ops.ddpm_fast.group_norm_silu if chosen == "cpp" else triton_ops()
-    return op(x, weight, bias, add, num_groups, float(eps), bool(act), float(dropout), sample_index, counter2, seed,
-              c3)[0]
+    return op(x, weight, bias, add, num_groups, float(eps), bool(act), float(dropout), sample_index, steps, seed,
+              word)[0]

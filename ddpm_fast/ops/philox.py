@@ -1,7 +1,8 @@
-"""Counter-based noise: Philox4x32-10 in the layout of DESIGN.md ("Random numbers"), on every backend.
+"""Counter-based noise: Philox4x32-10 in the layout of docs/design.md ("Random numbers"), on every backend.
 
-A normal is a pure function of (seed, element index, sample index, counter2, stream, layer), so the noise of a
-sample does not depend on the batch it is drawn in, the backend or the device (up to ~1 ulp of the GPU's sqrt).
+A normal is a pure function of (seed, element index, sample index, step, stream, layer), so the noise of a
+sample does not depend on the batch it is drawn in or its layout; across backends and devices the words are
+identical and the normals agree to a few ulp (the C++ log/sin/cos, the GPU's sqrt).
 """
 from __future__ import annotations
 
@@ -12,14 +13,14 @@ import torch
 from ddpm_fast import checks
 from ddpm_fast.ops import registry
 
-# Counter word c3, low 8 bits: what the draw is for (DESIGN.md). The dropout layer index goes above (layer << 8).
-STREAM_X_T = 0  # the initial x_T of sampling (counter2 = T)
-STREAM_REVERSE = 1  # the noise z of a reverse step (counter2 = the step's t)
-STREAM_TRAIN_EPS = 2  # eps of the forward noising in training (counter2 = optimizer step)
+# Streams: the low 8 bits of counter word c3 (stream_word), what the draw is for (docs/design.md, "Random numbers").
+STREAM_X_T = 0  # the initial x_T of sampling (step = T)
+STREAM_REVERSE = 1  # the noise z of a reverse step (step = the step's t)
+STREAM_TRAIN_EPS = 2  # eps of the forward noising in training (step = optimizer step)
 STREAM_TRAIN_T = 3  # the t drawn per training sample
 STREAM_DROPOUT = 4
 STREAM_FLIP = 5
-STREAM_EVAL_EPS = 6  # eps of q(x_t | x0) in the likelihood bound (counter2 = t)
+STREAM_EVAL_EPS = 6  # eps of q(x_t | x0) in the likelihood bound (step = t)
 
 _M0, _M1 = 0xD2511F53, 0xCD9E8D57  # round multipliers
 _W0, _W1 = 0x9E3779B9, 0xBB67AE85  # key increments
@@ -65,33 +66,33 @@ def pair_uniform_to_normal_reference(u1: torch.Tensor, u2: torch.Tensor) -> tupl
     return r * torch.cos(theta), r * torch.sin(theta)
 
 
-def _words_reference(sample_index: torch.Tensor, counter2: torch.Tensor, seed: int, c3: int,
+def _words_reference(sample_index: torch.Tensor, step: torch.Tensor, seed: int, stream_word: int,
                      numel: int) -> torch.Tensor:
-    """(B, ceil(numel / 4), 4) words of counters (q, sample_index[b], counter2[b], c3) for q < ceil(numel / 4)."""
+    """(B, ceil(numel / 4), 4) words of counters (q, sample_index[b], step[b], stream_word) for q < ceil(numel / 4)."""
     quads = (numel + 3) // 4
     batch = sample_index.shape[0]
     counter = torch.empty(batch, quads, 4, dtype=torch.int64, device=sample_index.device)
     counter[..., 0] = torch.arange(quads, device=sample_index.device)
     counter[..., 1] = sample_index.to(torch.int64)[:, None]
-    counter[..., 2] = counter2.to(torch.int64)[:, None]
-    counter[..., 3] = c3
+    counter[..., 2] = step.to(torch.int64)[:, None]
+    counter[..., 3] = stream_word
     return philox_reference(counter, seed)
 
 
-def philox_uniform_reference(sample_index: torch.Tensor, counter2: torch.Tensor, seed: int, c3: int,
+def philox_uniform_reference(sample_index: torch.Tensor, step: torch.Tensor, seed: int, stream_word: int,
                              numel: int) -> torch.Tensor:
-    """out[b, e] = uniform of word e % 4 of counter (e // 4, sample_index[b], counter2[b], c3): (B, numel) float32
+    """out[b, e] = uniform of word e % 4 of counter (e // 4, sample_index[b], step[b], stream_word): (B, numel) float32
     in [0, 1) (the dropout masks' draws)."""
-    words = _words_reference(sample_index, counter2, seed, c3, numel)
+    words = _words_reference(sample_index, step, seed, stream_word, numel)
     return uint_to_uniform_reference(words).reshape(sample_index.shape[0], -1)[:, :numel].contiguous()
 
 
-def philox_normal_reference(sample_index: torch.Tensor, counter2: torch.Tensor, seed: int, c3: int,
+def philox_normal_reference(sample_index: torch.Tensor, step: torch.Tensor, seed: int, stream_word: int,
                             numel: int) -> torch.Tensor:
-    """out[b, e] = normal e % 4 of counter (e // 4, sample_index[b], counter2[b], c3). Returns (B, numel) float32."""
+    """out[b, e] = normal e % 4 of counter (e // 4, sample_index[b], step[b], stream_word): (B, numel) float32."""
     quads = (numel + 3) // 4
     batch = sample_index.shape[0]
-    u = uint_to_uniform_reference(_words_reference(sample_index, counter2, seed, c3, numel))
+    u = uint_to_uniform_reference(_words_reference(sample_index, step, seed, stream_word, numel))
     n0, n1 = pair_uniform_to_normal_reference(u[..., 0], u[..., 1])
     n2, n3 = pair_uniform_to_normal_reference(u[..., 2], u[..., 3])
     return torch.stack((n0, n1, n2, n3), dim=-1).reshape(batch, 4 * quads)[:, :numel].contiguous()
@@ -107,9 +108,9 @@ def _register_triton_ops():
         return kernels.philox(counter, seed)
 
     @torch.library.triton_op("ddpm_fast::philox_normal_triton", mutates_args=())
-    def philox_normal_triton(sample_index: torch.Tensor, counter2: torch.Tensor, seed: int, c3: int,
+    def philox_normal_triton(sample_index: torch.Tensor, step: torch.Tensor, seed: int, stream_word: int,
                              numel: int) -> torch.Tensor:
-        return kernels.philox_normal(sample_index, counter2, seed, c3, numel)
+        return kernels.philox_normal(sample_index, step, seed, stream_word, numel)
 
     return philox_triton, philox_normal_triton
 
@@ -136,7 +137,7 @@ def _register_fakes() -> None:
         return torch.empty_like(counter)
 
     @torch.library.register_fake("ddpm_fast::philox_normal")
-    def _(sample_index, counter2, seed, c3, numel):
+    def _(sample_index, step, seed, stream_word, numel):
         return sample_index.new_empty((sample_index.shape[0], numel), dtype=torch.float32)
 
 
@@ -152,13 +153,21 @@ def _check_counter_vector(name: str, value: torch.Tensor, batch: int, device: to
         raise ValueError(f"{name} is on {value.device} but sample_index is on {device}")
 
 
-def _check_keys(seed, sample_index, counter2) -> None:
-    """The keys of a per-sample draw: the seed, and (B,) int64 sample_index and counter2 on one device."""
+def stream_word(stream: int, layer: int = 0) -> int:
+    """Counter word c3 of a draw: `stream` (one of the STREAM_* constants, 0..255) in the low 8 bits, the dropout
+    layer index (0..2^23-1) above."""
+    if not 0 <= stream < 256 or not 0 <= layer < 2**23:
+        raise ValueError(f"stream must be in [0, 256) and layer in [0, 2^23), got stream={stream}, layer={layer}")
+    return stream | (layer << 8)
+
+
+def _check_keys(seed, sample_index, step) -> None:
+    """The keys of a per-sample draw: the seed, and (B,) int64 sample_index and step on one device."""
     checks.seed(seed)
     if not isinstance(sample_index, torch.Tensor) or sample_index.dim() != 1:
         raise ValueError(f"sample_index must be a 1-D int64 tensor, got {getattr(sample_index, 'shape', sample_index)}")
     _check_counter_vector("sample_index", sample_index, sample_index.shape[0], sample_index.device)
-    _check_counter_vector("counter2", counter2, sample_index.shape[0], sample_index.device)
+    _check_counter_vector("step", step, sample_index.shape[0], sample_index.device)
 
 
 def philox(counter: torch.Tensor, seed: int, *, backend: str | None = None) -> torch.Tensor:
@@ -181,41 +190,39 @@ def philox(counter: torch.Tensor, seed: int, *, backend: str | None = None) -> t
     return triton_ops()[0](masked, seed)
 
 
-def words(sample_index: torch.Tensor, counter2: torch.Tensor, *, seed: int, stream: int,
+def words(sample_index: torch.Tensor, step: torch.Tensor, *, seed: int, stream: int,
           backend: str | None = None) -> torch.Tensor:
-    """Four uint32 words (as int64) per sample, of counter (0, sample_index[b], counter2[b], stream): the per-sample
+    """Four uint32 words (as int64) per sample, of counter (0, sample_index[b], step[b], stream): the per-sample
     draws (a training sample's t, its flip). (B,) int64 each -> (B, 4) int64."""
-    _check_keys(seed, sample_index, counter2)
+    _check_keys(seed, sample_index, step)
     if not 0 <= stream < 256:
         raise ValueError(f"stream must be in [0, 256), got {stream}")
-    counter = torch.stack([torch.zeros_like(sample_index), sample_index, counter2,
+    counter = torch.stack([torch.zeros_like(sample_index), sample_index, step,
                            torch.full_like(sample_index, stream)], dim=1)
     return philox(counter, seed, backend=backend)
 
 
-def randn(sample_index: torch.Tensor, counter2: torch.Tensor, shape: tuple[int, ...], *, seed: int, stream: int,
+def randn(sample_index: torch.Tensor, step: torch.Tensor, shape: tuple[int, ...], *, seed: int, stream: int,
           layer: int = 0, backend: str | None = None) -> torch.Tensor:
-    """Standard normal noise, one sample per row, keyed by (seed, sample_index, counter2, stream, layer).
+    """Standard normal noise, one sample per row, keyed by (seed, sample_index, step, stream, layer).
 
     :param sample_index: (B,) int64, counter word c1 (the global sample index), taken mod 2^32.
-    :param counter2: (B,) int64, counter word c2 (the timestep, or the optimizer step), taken mod 2^32.
+    :param step: (B,) int64, counter word c2 (the timestep, or the optimizer step), taken mod 2^32.
     :param shape: the per-sample shape, e.g. (C, H, W); elements are numbered in this (logical) order.
     :param stream: one of the STREAM_* constants (0..255); layer: the dropout layer index (0..2^23-1).
     :return: (B, *shape) float32 on sample_index's device.
     """
-    _check_keys(seed, sample_index, counter2)
-    if not 0 <= stream < 256 or not 0 <= layer < 2**23:
-        raise ValueError(f"stream must be in [0, 256) and layer in [0, 2^23), got stream={stream}, layer={layer}")
+    _check_keys(seed, sample_index, step)
+    word = stream_word(stream, layer)
     shape = tuple(int(s) for s in shape)
     numel = math.prod(shape)
     if numel <= 0:
         raise ValueError(f"shape must have positive sizes, got {shape}")
-    c3 = stream | (layer << 8)
     chosen = registry.choose("randn", sample_index.device, IMPLEMENTED, backend)
     if chosen == "reference":
-        out = philox_normal_reference(sample_index, counter2, seed, c3, numel)
+        out = philox_normal_reference(sample_index, step, seed, word, numel)
     elif chosen == "cpp":
-        out = registry.cpp_ops().philox_normal(sample_index, counter2, seed, c3, numel)
+        out = registry.cpp_ops().philox_normal(sample_index, step, seed, word, numel)
     else:
-        out = triton_ops()[1](sample_index, counter2, seed, c3, numel)
+        out = triton_ops()[1](sample_index, step, seed, word, numel)
     return out.view(sample_index.shape[0], *shape)

@@ -1,6 +1,6 @@
 """Which backend runs an op: availability (with the reason when not), the static choice, and DDPM_FAST_REQUIRE.
 
-Order of choice (DESIGN.md): explicit `backend=` > `use_backend(...)` > $DDPM_FAST_BACKEND > the op's fixed table.
+Order of choice (docs/design.md): explicit `backend=` > `use_backend(...)` > $DDPM_FAST_BACKEND > the op's fixed table.
 A backend named by any of the first three that cannot run is an error, never a quiet fallback; only the fixed table
 falls through to the next entry (ending at "reference", which always runs).
 """

@@ -9,7 +9,7 @@
 namespace ddpm_fast {
 
 // One sample is `numel` elements in logical order (C, H, W) = (C, S): element e is channel e / S, position e % S.
-// Noise is keyed by the logical index (DESIGN.md), so channels_last gives the same noise as contiguous.
+// Noise is keyed by the logical index (docs/design.md), so channels_last gives the same noise as contiguous.
 struct SampleLayout {
   int64_t numel;     // elements per sample
   int64_t spatial;   // S: H * W for images, numel for a contiguous sample of any shape

@@ -1,7 +1,7 @@
 // Philox4x32-10 and the Box-Muller normal pair, shared by the CPU and CUDA kernels.
 // Bit-for-bit the generator of Triton's tl.philox (32-bit counters) and Random123's philox4x32_10,
 // and the uniform/normal maps of tl.random.uint_to_uniform_float / pair_uniform_to_normal,
-// so a seed gives the same noise on every backend (DESIGN.md, "Random numbers").
+// so a seed gives the same noise on every backend (docs/design.md, "Random numbers").
 #pragma once
 #include <cmath>
 #include <cstdint>
