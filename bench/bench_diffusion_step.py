@@ -84,7 +84,7 @@ class Inputs:
         self.eps_pred = torch.randn(size, generator=gen).to(DEVICE)
         self.t = torch.full((batch,), T_STEP, dtype=torch.int64, device=DEVICE)
         self.index = torch.arange(batch, device=DEVICE)
-        self.counter2 = self.t.clone()
+        self.step = self.t.clone()  # the noise's counter word
         diffusion = ddpm_fast.Diffusion()
         self.step_coef = diffusion.step_table(DEVICE, torch.float32, "ddpm")
         self.tables = diffusion.tables_on(DEVICE, torch.float32)
@@ -128,13 +128,13 @@ OPS = {
         baseline=eager_reverse_step,
         call=lambda fn, inp: (lambda args=inp.reverse_args(): fn(*args)),
         ours=lambda inp, backend: lambda: diffusion_step.reverse_step(
-            inp.x, inp.eps, inp.t, inp.step_coef, inp.index, inp.counter2, seed=SEED, backend=backend),
+            inp.x, inp.eps, inp.t, inp.step_coef, inp.index, inp.step, seed=SEED, backend=backend),
         bytes=12),
     "q_sample_philox": dict(
         baseline=eager_q_sample_randn,
         call=lambda fn, inp: (lambda args=inp.q_args(): fn(*args)),
         ours=lambda inp, backend: lambda: diffusion_step.q_sample_philox(
-            inp.x, inp.t, inp.q_coef, inp.index, inp.counter2, seed=SEED, backend=backend),
+            inp.x, inp.t, inp.q_coef, inp.index, inp.step, seed=SEED, backend=backend),
         bytes=12),
     "q_sample": dict(
         baseline=eager_q_sample,
@@ -244,7 +244,7 @@ def bench_eps_redraw(benchmark, size, backend):
     inp = inputs(size)
 
     def run():
-        philox.randn(inp.index, inp.counter2, size[1:], seed=SEED, stream=philox.STREAM_TRAIN_EPS, backend=backend)
+        philox.randn(inp.index, inp.step, size[1:], seed=SEED, stream=philox.STREAM_TRAIN_EPS, backend=backend)
 
     _warm(run)
     timed(benchmark, EPS_GROUP.format(shape_name(size)), run, "redraw", nbytes=4 * inp.x.numel(), backend=backend)

@@ -215,7 +215,7 @@ import sys
 import torch
 
 import ddpm_fast
-from ddpm_fast.ops import registry, attention, diffusion_step, group_norm, philox
+from ddpm_fast.ops import attention, diffusion_step, group_norm, philox, registry
 
 status = ddpm_fast.backends()
 for name, s in status.items():
@@ -226,7 +226,7 @@ gpu = (f"{torch.cuda.get_device_name()} sm_{''.join(map(str, torch.cuda.get_devi
        else "no GPU")
 print(f"torch {torch.__version__} (CUDA {torch.version.cuda}), {gpu}")
 choices = {module.__name__.rsplit(".", 1)[1]: registry.choose(module.__name__, device, module.IMPLEMENTED,
-                                                               order=getattr(module, "ORDER", None))
+                                                              order=getattr(module, "ORDER", None))
            for module in (philox, diffusion_step, group_norm, attention)}  # (convolutions: torch's)
 print(f"default backend per op on {device.type}: " + ", ".join(f"{op} {b}" for op, b in choices.items()))
 module, _ = registry.cpp_module()

@@ -36,14 +36,18 @@ def network_dtype(asked, device) -> torch.dtype:
 
 
 class Autocast:
-    """model(x, t, ...) under autocast to `dtype`, with autocast's weight-cast cache off (a CUDA graph must capture
-    the casts; a training step uses each weight once)."""
+    """model(x, t, ...) under torch.autocast(device_type, dtype, enabled, cache_enabled). Sampling turns the
+    weight-cast cache off (a CUDA graph must capture the casts); training keeps autocast's defaults, and in float32
+    runs with enabled=False (an autocast around the training loop does not reach the network)."""
 
-    def __init__(self, model, device_type: str, dtype: torch.dtype):
+    def __init__(self, model, device_type: str, dtype: torch.dtype, *, enabled: bool = True,
+                 cache_enabled: bool = False):
         self.model, self.device_type, self.dtype = model, device_type, dtype
+        self.enabled, self.cache_enabled = enabled, cache_enabled
 
     def __call__(self, x, t, **kwargs):
-        with torch.autocast(self.device_type, dtype=self.dtype, cache_enabled=False):
+        with torch.autocast(self.device_type, dtype=self.dtype, enabled=self.enabled,
+                            cache_enabled=self.cache_enabled):
             return self.model(x, t, **kwargs)
 
 

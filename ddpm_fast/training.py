@@ -263,12 +263,10 @@ class Trainer:
         return model.to(self.device).eval()
 
     # ------------------------------------------------------------------------------------------------ one step
-    def _network_dtype(self) -> torch.dtype:
-        """The precision setting as a dtype ("auto": bf16 on a GPU, float32 on the CPU)."""
+    def _bf16(self) -> bool:
+        """Whether the network runs under bf16 autocast ("auto": on a GPU, not on the CPU)."""
         asked = self.config.precision
-        if asked == "auto":
-            asked = "bfloat16" if self.device.type == "cuda" else "float32"
-        return torch.bfloat16 if asked == "bfloat16" else torch.float32
+        return asked == "bfloat16" or (asked == "auto" and self.device.type == "cuda")
 
     def _micro_batches(self, first_step: int):
         """(step, micro, sample indices j in the global batch) -> dataset indices, for this process, from
@@ -294,7 +292,7 @@ class Trainer:
             x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
         t = philox.words(j, steps, seed=cfg.seed, stream=philox.STREAM_TRAIN_T)[:, 0] % self.diffusion.num_timesteps
         keys = (cfg.seed, j, step)
-        run = precision.autocast(network, device.type, self._network_dtype())
+        run = precision.Autocast(network, device.type, torch.bfloat16, enabled=self._bf16(), cache_enabled=True)
 
         def eps_model(x, timesteps):
             return run(x, timesteps, dropout_keys=keys)

@@ -319,7 +319,7 @@ class UNet(nn.Module):
         A key the original does not have, a missing or unexpected tensor, or a shape that differs is refused with
         the names; nothing is loaded before every tensor is checked (the model is new: no half-loaded one exists).
         """
-        from ddpm_fast import conversions  # here: conversions.py builds on this module
+        from ddpm_fast import conversions  # here: conversions -> checkpoint -> unet would be a cycle at the top
         return conversions.from_original(cls, state_dict_or_path, config, diffusion)
 
     @classmethod

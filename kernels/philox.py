@@ -1,4 +1,4 @@
-"""Philox4x32-10 in Triton (`tl.philox` with 32-bit counters) in the counter layout of DESIGN.md.
+"""Philox4x32-10 in Triton (`tl.philox` with 32-bit counters) in the counter layout of docs/design.md.
 
 Memory traffic: philox_normal writes 4 bytes per normal and reads 16 bytes per sample; it is bound by the ten
 Philox rounds (~40 integer ops per four normals) and the Box-Muller log/sqrt/cos/sin, not by memory.

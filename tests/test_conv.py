@@ -105,6 +105,19 @@ def test_copies_and_pickles_without_the_packed_tensors():
             assert torch.equal(clone(x), want)
 
 
+def test_a_conv_pickled_when_its_cache_was_named_packed_underscore_loads():
+    """A PackedConv pickled before the cache attribute was renamed (_packed -> packed) loads with an empty cache."""
+    conv = make(8, 8, 3, 1, 1)
+    x = torch.randn(2, 8, 6, 6)
+    state = conv.__getstate__()
+    state["_packed"] = state.pop("packed")
+    old = PackedConv.__new__(PackedConv)
+    old.__setstate__(state)
+    assert not old.packed and "_packed" not in old.__dict__
+    with torch.inference_mode():
+        assert torch.equal(old(x), conv(x))
+
+
 def test_inference_tensor_weights():
     """Weights made inside inference_mode (no version counter) still run, keyed by their storage."""
     with torch.inference_mode():

@@ -161,7 +161,7 @@ def test_p_sample_adds_sigma_z_except_at_t0(diffusion):
     assert torch.equal(step.sample[0], out.mean[0])
     for i in range(1, 4):
         assert torch.allclose(step.sample[i], out.mean[i] + out.variance[i].sqrt() * z[i], atol=1e-12)
-    # without explicit noise: Philox stream 1, counter2 = the timestep
+    # without explicit noise: Philox stream 1, step = the timestep
     index = torch.tensor([4, 5, 6, 7])
     drawn = philox.randn(index, t, x_t.shape[1:], seed=9, stream=philox.STREAM_REVERSE).double()
     assert torch.equal(diffusion.p_sample(model, x_t, t, seed=9, sample_index=index).sample,

@@ -5,11 +5,11 @@ import pytest
 import torch
 
 from ddpm_fast.ops.group_norm import group_norm_silu, group_norm_silu_reference
-from ddpm_fast.ops.philox import STREAM_DROPOUT
+from ddpm_fast.ops.philox import STREAM_DROPOUT, stream_word
 from helpers import relative_error
 
 SEED, LAYER, STEP = 123, 5, 9
-C3 = STREAM_DROPOUT | LAYER << 8  # as group_norm_silu builds it
+STREAM_WORD = stream_word(STREAM_DROPOUT, LAYER)  # as group_norm_silu builds it
 
 
 def inputs(shape, dtype, seed):
@@ -31,7 +31,7 @@ def test_cuda_group_norm_equals_the_float64_reference(shape, groups, dtype, drop
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     for act in (False, True):
         leaves = [t.double().requires_grad_() for t in (x, w, b, add)]
-        ref = group_norm_silu_reference(*leaves[:3], groups, 1e-5, leaves[3], act, dropout, index, counter2, SEED, C3)
+        ref = group_norm_silu_reference(*leaves[:3], groups, 1e-5, leaves[3], act, dropout, index, counter2, SEED, STREAM_WORD)
         ref.backward(dy.double())
         for layout in (torch.contiguous_format, torch.channels_last):
             on = [x.cuda().contiguous(memory_format=layout)] + [t.cuda() for t in (w, b, add)]
@@ -59,7 +59,7 @@ def test_cuda_group_norm_ops_pass_opcheck(suffix):
     index, counter2 = torch.arange(2, device="cuda"), torch.full((2,), STEP, device="cuda")
     for xx in (x, x.contiguous(memory_format=torch.channels_last)):
         for a in (add, None):
-            fwd = (xx, w, b, a, 4, 1e-5, True, 0.3, index, counter2, SEED, C3)
+            fwd = (xx, w, b, a, 4, 1e-5, True, 0.3, index, counter2, SEED, STREAM_WORD)
             torch.library.opcheck(getattr(ops, 'group_norm_silu' + suffix).default, fwd)
             grads = tuple(t.detach().clone().requires_grad_() if isinstance(t, torch.Tensor) and t.is_floating_point()
                           else t for t in fwd)
@@ -67,4 +67,4 @@ def test_cuda_group_norm_ops_pass_opcheck(suffix):
             torch.library.opcheck(getattr(ops, 'group_norm_silu' + suffix).default, grads)
             _, shift, rstd = getattr(ops, 'group_norm_silu' + suffix)(*fwd)
             torch.library.opcheck(getattr(ops, 'group_norm_silu_backward' + suffix).default,
-                                  (dy, xx, w, b, a, shift, rstd, 4, True, 0.3, index, counter2, SEED, C3))
+                                  (dy, xx, w, b, a, shift, rstd, 4, True, 0.3, index, counter2, SEED, STREAM_WORD))

@@ -55,13 +55,13 @@ def test_normals_equal_reference(backend, shape):
 
 
 def test_layout_of_design_md():
-    """normal e of sample b comes from counter (e // 4, sample_index[b], counter2[b], stream | layer << 8),
+    """normal e of sample b comes from counter (e // 4, sample_index[b], step[b], stream | layer << 8),
     pairs (r0, r1) and (r2, r3) through Box-Muller, cos first."""
-    index, counter2 = torch.tensor([7, 3]), torch.tensor([11, 500])
-    out = philox.randn(index, counter2, (2, 3), seed=99, stream=4, layer=2, backend="reference")
+    index, step = torch.tensor([7, 3]), torch.tensor([11, 500])
+    out = philox.randn(index, step, (2, 3), seed=99, stream=4, layer=2, backend="reference")
     for b in range(2):
         for e in range(6):
-            words = philox.philox_reference(torch.tensor([[e // 4, index[b], counter2[b], 4 | 2 << 8]]), 99)[0]
+            words = philox.philox_reference(torch.tensor([[e // 4, index[b], step[b], 4 | 2 << 8]]), 99)[0]
             u = [((w if w < 2**31 else 2**32 - 1 - w) * 4.6566127342e-10) for w in words.tolist()]
             pair = (u[0], u[1]) if e % 4 < 2 else (u[2], u[3])
             r = math.sqrt(-2.0 * math.log(max(pair[0], 1e-7)))

@@ -67,6 +67,10 @@ class PackedConv(nn.Conv2d):
     def __getstate__(self):  # copy.deepcopy, pickle: oneDNN's packed tensors have no storage to copy
         return {**self.__dict__, "packed": {}}
 
+    def __setstate__(self, state):  # (a module pickled before the cache was named `packed` has `_packed`)
+        super().__setstate__({k: v for k, v in state.items() if k != "_packed"})
+        self.packed = {}
+
     def _apply(self, fn, *args, **kwargs):
         self.packed = {}  # .to(), .cuda(), .double(): the packed weights belong to the old tensors
         return super()._apply(fn, *args, **kwargs)
