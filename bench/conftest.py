@@ -1,5 +1,5 @@
 """Benchmarks: every op and the sampler against eager PyTorch, timed in the same run (medians).
-Run: pytest bench/ --benchmark-only [--benchmark-columns=median,iqr,ops] (the quick suite, under 10 minutes on 2 CPU
+Run: pytest bench/ --benchmark-only [--benchmark-columns=median,iqr,ops] (the quick suite, about 5 minutes on 2 CPU
 cores), or with --bench-full (every shape, size and layout, longer rounds: the precise, long version). Either ends with
 one summary table of ratios (summary_rows)."""
 import os

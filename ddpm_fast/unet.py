@@ -300,7 +300,8 @@ class UNet(nn.Module):
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "UNet":
-        """UNet.from_preset("cifar10" | "small", **overrides): the paper's CIFAR-10 network or the small CPU one."""
+        """UNet.from_preset("cifar10" | "small" | "digits", **overrides): the paper's CIFAR-10 network, the small CPU
+        one, or the bundled digits model's."""
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
         return cls(**{**PRESETS[name], **overrides})
