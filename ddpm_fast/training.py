@@ -5,8 +5,8 @@ training under torchrun.
 Every random draw is keyed (docs/design.md, "Random numbers"), never taken from a generator's running state: at
 optimizer step s the global batch holds the data positions s*B .. s*B+B-1 of a permutation seeded by (seed, epoch),
 and sample j of it gets its t (Philox stream 3), its flip (stream 5), its eps (stream 2) and its dropout masks
-(stream 4) from (seed, j, s). So a run is a function of its seed and its settings: resuming replays the same steps, and any number of
-processes (each taking its share of j) computes the same gradient as one.
+(stream 4) from (seed, j, s). So a run is a function of its seed and its settings: resuming replays the same steps,
+and any number of processes (each taking its share of j) computes the same gradient as one.
 """
 from __future__ import annotations
 

@@ -95,9 +95,10 @@ def test_q_sample_philox_equals_reference_and_draws_the_stream(backend, dtype, s
 def test_q_sample_with_given_noise(backend, dtype, shape, diffusion, poisoned):
     x0, noise = data(shape, dtype, 3), data(shape, dtype, 4)
     t = mixed_t(shape[0], torch.Generator().manual_seed(5))
-    coef = diffusion.tables_on(torch.device("cpu"), torch.float64 if dtype == torch.float64 else torch.float32)["q_sample"]
-    expected = ds.q_sample_reference(x0.double(), t, diffusion.tables_on(torch.device("cpu"), torch.float64)["q_sample"],
-                                     noise.double())
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    coef = diffusion.tables_on(torch.device("cpu"), acc)["q_sample"]
+    coef64 = diffusion.tables_on(torch.device("cpu"), torch.float64)["q_sample"]
+    expected = ds.q_sample_reference(x0.double(), t, coef64, noise.double())
     for name, x in layouts(x0):
         out = ds.q_sample(x, t, coef, noise, backend=backend)
         assert torch.isfinite(out).all() and relative_error(out, expected) < 1e-5, name

@@ -38,7 +38,7 @@ def _missing(text: str) -> list[str]:
         if "*" in path:
             if not list(ROOT.glob(path)):
                 gone.append(path)
-        elif not (ROOT / path).exists() and not (ROOT / "csrc" / "include" / path).exists():  # (#include "ddpm_fast/..")
+        elif not (ROOT / path).exists() and not (ROOT / "csrc" / "include" / path).exists():  # (an #include)
             gone.append(path)
     return gone
 

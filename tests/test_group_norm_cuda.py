@@ -31,7 +31,8 @@ def test_cuda_group_norm_equals_the_float64_reference(shape, groups, dtype, drop
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     for act in (False, True):
         leaves = [t.double().requires_grad_() for t in (x, w, b, add)]
-        ref = group_norm_silu_reference(*leaves[:3], groups, 1e-5, leaves[3], act, dropout, index, counter2, SEED, STREAM_WORD)
+        ref = group_norm_silu_reference(*leaves[:3], groups, 1e-5, leaves[3], act, dropout, index, counter2, SEED,
+                                        STREAM_WORD)
         ref.backward(dy.double())
         for layout in (torch.contiguous_format, torch.channels_last):
             on = [x.cuda().contiguous(memory_format=layout)] + [t.cuda() for t in (w, b, add)]
