@@ -117,6 +117,11 @@ def data_identity(images: torch.Tensor, source) -> dict:
                 source=str(Path(source).resolve()) if isinstance(source, (str, os.PathLike)) else "in memory")
 
 
+def _differences(saved: dict, current: dict, keys) -> list[str]:
+    """"key: saved -> current" for each of `keys` whose value changed (a key either lacks reads as None)."""
+    return [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in keys if saved.get(k) != current.get(k)]
+
+
 def data_positions(step: int, batch_size: int, count: int, seed: int, permutations: dict) -> torch.Tensor:
     """The dataset indices of step `step`'s global batch: positions step*B .. step*B+B-1 of the endless sequence of
     per-epoch permutations (epoch e's: torch.randperm(count) from seed (seed, e))."""
@@ -219,23 +224,20 @@ class Trainer:
         _, config = checkpoint.verify(self.out)
         saved = config["training"]
         current = self.config.to_json()
-        differ = [f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in current
-                  if k not in TrainConfig.RESUMABLE and saved.get(k) != current[k]]
+        differ = _differences(saved, current, [k for k in current if k not in TrainConfig.RESUMABLE])
         if differ:
             raise ValueError(f"{self.out} holds a run with other settings ({'; '.join(differ)}); resume with its "
                              f"settings, or train into another folder")
         if config["unet"] != json.loads(json.dumps(self.model.config)):
             raise ValueError(f"{self.out} holds a run of another network: {config['unet']}")
         process = json.loads(json.dumps(checkpoint.diffusion_config(self.diffusion)))
-        differ = [f"{k}: {config['diffusion'].get(k)!r} -> {process.get(k)!r}"
-                  for k in sorted(set(process) | set(config["diffusion"])) if config["diffusion"].get(k) != process.get(k)]
+        differ = _differences(config["diffusion"], process, sorted(set(process) | set(config["diffusion"])))
         if differ:
             raise ValueError(f"{self.out} holds a run of another diffusion process ({'; '.join(differ)[:300]}); "
                              f"resume with its diffusion=, or train into another folder")
         # (checkpoints written before the data's identity was recorded carry images and shape only)
         identity = json.loads(json.dumps(self.data_identity))
-        differ = [f"{k}: {config['data'][k]!r} -> {identity[k]!r}" for k in identity
-                  if k in config["data"] and config["data"][k] != identity[k]]
+        differ = _differences(config["data"], identity, [k for k in identity if k in config["data"]])
         if differ:
             raise ValueError(f"{self.out} was trained on other data ({'; '.join(differ)}); resume with its data, or "
                              f"train into another folder")

@@ -168,8 +168,7 @@ def group_norm_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, n
                          f"got {checks.describe(add)}")
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
         raise ValueError(f"group_norm_silu: dropout must be a number in [0, 1), got {dropout!r}")
-    if not 0 <= layer < 2**23:
-        raise ValueError(f"group_norm_silu: layer must be in [0, 2^23), got {layer}")
+    word = philox.stream_word(STREAM_DROPOUT, layer)  # (checks the layer)
     seed = checks.seed(seed)
     if sample_index is not None and (not isinstance(sample_index, torch.Tensor) or sample_index.dtype != torch.int64
                                      or sample_index.shape != (x.shape[0],) or sample_index.device != x.device):
@@ -181,7 +180,6 @@ def group_norm_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, n
         if sample_index is None:
             sample_index = torch.arange(x.shape[0], device=x.device)
         steps = torch.full_like(sample_index, step)
-    word = philox.stream_word(STREAM_DROPOUT, layer)
     chosen = registry.choose("group_norm_silu", x.device, IMPLEMENTED, backend)
     if chosen == "reference":
         return group_norm_silu_reference(x, weight, bias, num_groups, float(eps), add, act, float(dropout),
