@@ -29,7 +29,7 @@ import torch
 
 import ddpm_fast
 from baselines import eager_copy, eager_loop, eager_step
-from benchutil import DEVICE, GPU, pick, random_unet, sync, timed_rounds
+from benchutil import DEVICE, GPU, full, pick, random_unet, role_name, sync, timed_rounds
 
 if GPU:
     PRESETS = {"cifar10": dict(n=256, steps=50)}  # (each call of ours warms up and captures: 2 steps + a capture)
@@ -56,9 +56,12 @@ def _group(preset, layout, n, steps):
     return f"sampler {preset} x{n}, {steps} steps, {layout}"
 
 
-def _role(role, dtype):
-    """The row's name in its group: "eager", "compiled", "ours" for float32, with " bf16" for a bf16 network."""
-    return role if dtype == "fp32" else f"{role} bf16"
+def _conv_info(model, net, size, layout, dtype) -> dict:
+    """extra_info "conv_share" of a float32 CPU contender: the convolutions' share of `model`'s step."""
+    if GPU or dtype != "fp32":
+        return {}
+    x = torch.randn(size["n"], *_shape(net)).contiguous(memory_format=LAYOUTS[layout])
+    return {"conv_share": conv_share(model, x, torch.full((size["n"],), 500))}
 
 
 _networks = {}
@@ -117,16 +120,13 @@ def bench_eager(benchmark, preset, layout, dtype):
     net = network(preset, layout)
     model = eager_copy(net)
     diffusion = ddpm_fast.Diffusion().respace(size["steps"])
-    info = {}
-    if not GPU and dtype == "fp32":
-        x = torch.randn(size["n"], *_shape(net)).contiguous(memory_format=LAYOUTS[layout])
-        info["conv_share"] = conv_share(model, x, torch.full((size["n"],), 500))
+    info = _conv_info(model, net, size, layout, dtype)
 
     def run():
         with torch.inference_mode(), _autocast(dtype):
             eager_loop(model, diffusion, size["n"], _shape(net), DEVICE, memory_format=LAYOUTS[layout])
 
-    _time(benchmark, _group(preset, layout, **size), run, _role("eager", dtype), **size, **info)
+    _time(benchmark, _group(preset, layout, **size), run, role_name("eager", dtype == "bf16"), **size, **info)
 
 
 def _compiled_here(benchmark, preset, layout, dtype) -> str | None:
@@ -135,7 +135,7 @@ def _compiled_here(benchmark, preset, layout, dtype) -> str | None:
     if benchmark.disabled:
         ok = (preset, layout, dtype) == ("small", "contiguous", "fp32")
         return None if ok else "under --benchmark-disable torch.compile runs for small, contiguous, fp32 only"
-    if not pick(GPU or (preset, dtype) == ("cifar10", "bf16"), True):
+    if not (full() or GPU or (preset, dtype) == ("cifar10", "bf16")):
         return "the quick suite compiles cifar10 in bf16 only (--bench-full compiles every contender)"
     return None
 
@@ -161,7 +161,7 @@ def bench_compiled(benchmark, preset, layout, dtype):
     run()  # the compile, outside the timing
     sync()
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > graphs, "torch.compile made no graph"
-    _time(benchmark, _group(preset, layout, **size), run, _role("compiled", dtype), **size)
+    _time(benchmark, _group(preset, layout, **size), run, role_name("compiled", dtype == "bf16"), **size)
 
 
 @per_preset
@@ -171,16 +171,13 @@ def bench_compiled(benchmark, preset, layout, dtype):
 def bench_ours(benchmark, preset, layout, dtype, cuda_graph):
     size = sizes(benchmark, preset)
     net = network(preset, layout)
-    info = {}
-    if not GPU and dtype == "fp32":
-        x = torch.randn(size["n"], *_shape(net)).contiguous(memory_format=LAYOUTS[layout])
-        info["conv_share"] = conv_share(net, x, torch.full((size["n"],), 500))
+    info = _conv_info(net, net, size, layout, dtype)
 
     def run():
         ddpm_fast.sample(net, size["n"], steps=size["steps"], progress=False, cuda_graph=cuda_graph,
                          network_dtype=DTYPES[dtype])
 
-    role = _role("ours", dtype) + ("" if cuda_graph or not GPU else " (no graph)")
+    role = role_name("ours", dtype == "bf16") + ("" if cuda_graph or not GPU else " (no graph)")
     _time(benchmark, _group(preset, layout, **size), run, role, **size, **info)
 
 
@@ -189,7 +186,7 @@ def bench_streaming(benchmark, tmp_path, out_format):
     """sample(out=) against the same run in memory: two batches, so that the writer thread's files overlap the
     second batch's sampling (the issue's bar: streaming costs < 5% of images/s). Each round writes a fresh folder.
     --bench-full only (not a comparison with eager PyTorch)."""
-    if not pick(benchmark.disabled, True):
+    if not (full() or benchmark.disabled):
         pytest.skip("streaming: --bench-full only")
     preset = "cifar10" if GPU else "small"
     dtype = next(iter(DTYPES.values()))

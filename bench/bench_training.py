@@ -18,7 +18,7 @@ import torch
 
 import ddpm_fast
 from baselines import eager_copy, eager_train_step
-from benchutil import DEVICE, GPU, pick, random_unet, timed_rounds
+from benchutil import DEVICE, GPU, full, pick, random_unet, role_name, timed_rounds
 
 if GPU:
     SIZES = {"cifar10": 128}
@@ -70,7 +70,7 @@ def bench_train_eager(benchmark, preset):
 
 @per_preset
 def bench_train_compiled(benchmark, preset):
-    if benchmark.disabled or GPU or not pick(False, True):
+    if benchmark.disabled or GPU or not full():
         pytest.skip("torch.compile of the training step: CPU, --bench-full only (minutes of cold compile)")
     _eager(benchmark, preset, compiled=True)
 
@@ -86,4 +86,4 @@ def bench_train_ours(benchmark, preset, precision):
     def run():
         trainer.run(until=trainer.step + steps)
 
-    _time(benchmark, preset, batch, "ours bf16" if precision == "bfloat16" else "ours", run, steps)
+    _time(benchmark, preset, batch, role_name("ours", precision == "bfloat16"), run, steps)

@@ -4,8 +4,8 @@ import torch
 # Triton is timed on a GPU only: under the CPU interpreter its times mean nothing.
 GPU = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if GPU else "cpu")
-# The suite's length: quick (the default: every comparison once, at the shapes that matter, with short rounds; under
-# 10 minutes on 2 CPU cores) or full (--bench-full: every shape, size and layout, torch.compile everywhere it is
+# The suite's length: quick (the default: every comparison once, at the shapes that matter, with short rounds; about
+# 5 minutes on 2 CPU cores) or full (--bench-full: every shape, size and layout, torch.compile everywhere it is
 # compared, longer rounds). bench/conftest.py sets it from the command line before the bench modules are imported.
 FULL = False
 
@@ -13,6 +13,17 @@ FULL = False
 def pick(quick, full):
     """`full` under --bench-full, else `quick` (read when a bench module is imported)."""
     return full if FULL else quick
+
+
+def full() -> bool:
+    """Whether this is the --bench-full run (for a bench that runs in the full suite only)."""
+    return FULL
+
+
+def role_name(role: str, bf16: bool) -> str:
+    """A row's name in its group: "eager", "compiled", "ours", with " bf16" for a bf16 network (the suffix
+    conftest.baseline_ratio reads)."""
+    return f"{role} bf16" if bf16 else role
 
 
 def max_time():

@@ -30,12 +30,6 @@ def pytest_configure(config):
     benchutil.FULL = config.getoption("bench_full")
 
 
-def benchutil_full() -> bool:
-    import benchutil
-
-    return benchutil.FULL
-
-
 def _grouped(benchmarks, keep=lambda bench: True) -> dict:
     """{group: [benchmark, ...]} of the benchmarks that ran (have rounds) and that `keep` accepts."""
     groups = {}
@@ -72,9 +66,10 @@ def bandwidth_rows(benchmarks):
                 continue
             median = bench.stats.median
             gbs = nbytes / median / 1e9
-            ratio = {r: by_role[r].stats.median / median if r in by_role else None for r in ("eager", "compiled")}
-            rows.append((group, bench.name, median, gbs, gbs / copy_gbs if copy_gbs else None, ratio["eager"],
-                         ratio["compiled"]))
+            medians = {r: b.stats.median for r, b in by_role.items()}
+            rows.append((group, bench.name, median, gbs, gbs / copy_gbs if copy_gbs else None,
+                         baseline_ratio(medians, role, median, "eager"),
+                         baseline_ratio(medians, role, median, "compiled")))
     return rows
 
 
@@ -173,6 +168,8 @@ def _table(write, title: str, header: list, lines: list) -> None:
 
 @pytest.hookimpl(trylast=True)  # after pytest-benchmark's own tables
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    import benchutil
+
     session = getattr(config, "_benchmarksession", None)
     if session is None or session.disabled:
         return
@@ -209,8 +206,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     _table(write, "Summary: every row of ours against the baselines of its group, same run (baseline median / ours; "
                   "vs eager: the float32 eager code where the group has it; vs compiled: torch.compile in the row's "
                   "precision; bf16 vs fp32: ours in float32 / this row). "
-                  + ("Full suite." if benchutil_full() else "Quick suite: --bench-full for every shape, size and "
-                                                            "layout."),
+                  + ("Full suite." if benchutil.full() else "Quick suite: --bench-full for every shape, size and layout."),
            ["group", "ours", "median", "vs eager", "vs compiled", "vs SDPA", "bf16 vs fp32"],
            [[group, role, f"{median * 1e3:.2f} ms"] + [f"{fmt(r, '.2f')}x" for r in ratios]
             for group, role, median, *ratios in summary_rows(benchmarks)])
