@@ -185,7 +185,7 @@ class Trainer:
                  image_size: int | None = None, progress: bool = True, resume: bool = True, **settings):
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be a ddpm_fast.UNet, got {type(model).__name__}")
-        _init_distributed()
+        self.owns_process_group = _init_distributed()  # (train() destroys a group it made; a Trainer's user does)
         self.rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
         self.world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
         self.config = _settings(settings)
@@ -408,13 +408,15 @@ class Trainer:
             log[0].flush()
 
 
-def _init_distributed() -> None:
+def _init_distributed() -> bool:
     """Under torchrun (WORLD_SIZE > 1 in the environment) join the process group: NCCL with a GPU, gloo without,
-    unless the caller has already."""
+    unless the caller has already. Whether this call made it."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and dist.is_available() and not dist.is_initialized():
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        return True
+    return False
 
 
 class _InterruptFlag:
@@ -454,10 +456,17 @@ def train(model: UNet, data, *, out=None, diffusion: Diffusion | None = None, de
     :param diffusion: the process (default: the model's, else Diffusion()); saved with the checkpoints.
     :param settings: TrainConfig's fields (steps, batch_size, lr, warmup, grad_clip, ema_decay, flip, objective,
         grad_accum, seed, precision, checkpoint_every, keep, log_every).
-    Under torchrun (torch.distributed initialised) each process trains its share of every global batch (DDP).
+    Under torchrun (torch.distributed initialised) each process trains its share of every global batch (DDP); a
+    process group that train() made for it is destroyed when it returns (torch asks for that before a process exits:
+    gloo's threads can abort an exit that finds the group alive).
     """
     if not resume and out is not None and (Path(out) / "latest").is_file():
         raise ValueError(f"{out} already holds a run; pass resume=True to continue it or choose another folder")
-    return Trainer(model, data, out=out, diffusion=diffusion, device=device, image_size=image_size,
-                   progress=progress, resume=resume, **settings).run()
+    trainer = Trainer(model, data, out=out, diffusion=diffusion, device=device, image_size=image_size,
+                      progress=progress, resume=resume, **settings)
+    try:
+        return trainer.run()
+    finally:
+        if trainer.owns_process_group:
+            dist.destroy_process_group()
 
